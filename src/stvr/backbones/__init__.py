@@ -1,0 +1,1 @@
+"""Video backbones: ``i3d`` (paper preset) and ``tiny`` (cpu preset)."""

@@ -1,0 +1,242 @@
+"""Configuration dataclasses and the two presets, ``paper`` and ``cpu``.
+
+Configs are plain dataclasses (timm style): build one with :func:`preset`,
+override fields with :func:`apply_overrides` (``"model.cell=conv"`` strings, as
+given on the command line with ``--set``), and save/load them as JSON next to
+every checkpoint with :func:`save_config` / :func:`load_config`.
+
+Units: sizes in pixels of the square model input (``image_size``), times in
+seconds, learning-rate steps in optimizer steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+CELL_KINDS = ("warp", "conv", "traj", "flow", "none")
+
+
+@dataclass
+class ModelConfig:
+    """The matching network (reference-facts.md sections 4-6)."""
+
+    # input
+    image_size: int = 320              # S: frames are resized to S x S
+    clip_frames: int = 8               # frames per clip (3 clips per second at 24 fps)
+    # backbone
+    backbone: str = "i3d"              # "i3d" (Mixed_4c, paper) | "tiny" (cpu preset)
+    backbone_channels: int = 1024      # channels of the per-clip map [N, C, S/16, S/16]
+    tiny_width: int = 32               # base width of the tiny backbone
+    i3d_weights: str | None = None     # local state-dict file (pytorch-i3d key names)
+    freeze_bn: bool = True             # backbone BN uses stored statistics
+    # recurrent propagation of the reference (stvr.recurrent.build_cell kinds, or "none")
+    cell: str = "warp"
+    cell_bottleneck: int = 128         # gate bottleneck channels (official: 128)
+    warp_grid: int = 3                 # control points: warp_grid x warp_grid interior lines
+    warp_order: int = 2                # polyharmonic order (2 = r^2 log r, 1 = r)
+    warp_boundary_points: int = 4      # k -> 4k zero-flow border points
+    traj_links: int = 5                # TrajLSTM links L
+    # RPN (first stage)
+    rpn_channels: int = 512
+    anchor_base_size: float = 256.0    # pixels; anchors = base * scale, aspect ratios below
+    anchor_scales: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+    anchor_aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    rpn_fg_iou: float = 0.7
+    rpn_bg_iou: float = 0.3
+    rpn_batch_per_clip: int = 256
+    rpn_positive_fraction: float = 0.5
+    rpn_nms_iou: float = 0.7
+    max_proposals: int = 32            # per clip, after NMS
+    # RoI features
+    roi_crop_size: int = 14            # crop then 2x2 max-pool -> 7x7
+    # attention (Eq. 10)
+    attention_dim: int = 128
+    # second stage
+    head: str = "resnet"               # "resnet" (official block4 + 3-way softmax) | "binary" (paper text)
+    head_mid_channels: int = 512       # bottleneck width of the head block
+    head_out_channels: int = 2048      # output width of the head block
+    head_blocks: int = 3
+    box_batch_per_clip: int = 16
+    box_positive_fraction: float = 0.25
+    box_fg_iou: float = 0.5
+    box_coder_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
+    # losses
+    rpn_loc_weight: float = 2.0
+    rpn_obj_weight: float = 1.0
+    box_loc_weight: float = 2.0
+    box_cls_weight: float = 1.0
+    # post-processing
+    det_nms_iou: float = 0.6
+    det_per_class: int = 15
+    det_per_clip: int = 30
+    det_score_threshold: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    """Where the data set lives and how pairs are cut (reference-facts.md sections 1-3)."""
+
+    root: str = "data/synthetic"       # dataset root (see stvr.data.dataset)
+    videos: str | None = None          # video folder; default <root>/videos
+    cache: str | None = None           # clip cache folder; default <root>/cache
+    fps: int = 24
+    reference_seconds: int = 2         # training reference length (cropped / zero-padded)
+    query_max_seconds: int = 10        # training query cap (random window)
+    flip_probability: float = 0.5      # independent flips of query and reference
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (reference-facts.md section 7)."""
+
+    batch_size: int = 8
+    lr: float = 0.03
+    momentum: float = 0.9
+    lr_steps: tuple[int, ...] = (10_000, 20_000)
+    lr_gamma: float = 0.1
+    max_steps: int = 30_000
+    grad_clip_norm: float = 10.0
+    weight_decay: float = 0.0
+    log_every: int = 20
+    eval_every: int = 5_000
+    checkpoint_every: int = 5_000
+    seed: int = 0
+    device: str = "auto"               # "auto" | "cpu" | "cuda" | "cuda:N"
+
+
+@dataclass
+class Config:
+    """Everything needed to rebuild a run."""
+
+    preset: str = "paper"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def preset(name: str) -> Config:
+    """The ``paper`` preset (I3D, 320x320, AVA on GPUs) or the ``cpu`` preset
+    (tiny backbone, 128x128, synthetic data on 2 CPU cores)."""
+    if name == "paper":
+        return Config(preset="paper")
+    if name == "cpu":
+        return Config(
+            preset="cpu",
+            model=ModelConfig(
+                image_size=128,
+                backbone="tiny",
+                backbone_channels=64,
+                tiny_width=16,
+                cell_bottleneck=32,
+                rpn_channels=64,
+                anchor_base_size=96.0,
+                attention_dim=32,
+                head_mid_channels=32,
+                head_out_channels=128,
+                head_blocks=1,
+            ),
+            data=DataConfig(root="data/synthetic"),
+            train=TrainConfig(
+                batch_size=4,
+                lr=0.01,
+                lr_steps=(400,),
+                max_steps=500,
+                log_every=10,
+                eval_every=250,
+                checkpoint_every=100,
+            ),
+        )
+    raise ValueError(f"unknown preset {name!r}; choose 'paper' or 'cpu'")
+
+
+def _coerce(value: str, current: Any) -> Any:
+    """Parse a command-line string into the type of the field's current value."""
+    if isinstance(current, bool):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {value!r}")
+    if isinstance(current, int):
+        return int(value)
+    if isinstance(current, float):
+        return float(value)
+    if isinstance(current, tuple):
+        items = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        kind = type(current[0]) if current else float
+        return tuple(kind(v) for v in items)
+    if current is None:
+        return None if value.lower() in ("none", "null", "") else value
+    return value
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """Return a copy of ``cfg`` with ``section.field=value`` overrides applied.
+
+    Raises ``ValueError`` for an unknown section or field or an unparsable value.
+    """
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model),
+        data=dataclasses.replace(cfg.data),
+        train=dataclasses.replace(cfg.train),
+    )
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"override {item!r} is not of the form section.field=value")
+        key, value = item.split("=", 1)
+        section_name, field_name = key.strip().split(".", 1)
+        section = getattr(cfg, section_name, None)
+        if section is None or not dataclasses.is_dataclass(section):
+            raise ValueError(f"unknown config section {section_name!r} in {item!r}")
+        if not hasattr(section, field_name):
+            names = ", ".join(f.name for f in dataclasses.fields(section))
+            raise ValueError(f"unknown field {field_name!r} in section {section_name!r}; fields: {names}")
+        setattr(section, field_name, _coerce(value.strip(), getattr(section, field_name)))
+    if cfg.model.cell not in CELL_KINDS:
+        raise ValueError(f"model.cell must be one of {CELL_KINDS}, got {cfg.model.cell!r}")
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """JSON-ready dictionary of a config (tuples become lists)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Inverse of :func:`config_to_dict`; unknown keys raise ``ValueError``."""
+
+    def build(kind, values):
+        names = {f.name: f for f in dataclasses.fields(kind)}
+        unknown = set(values) - set(names)
+        if unknown:
+            raise ValueError(f"unknown {kind.__name__} fields: {sorted(unknown)}")
+        defaults = kind()
+        out = {}
+        for k, v in values.items():
+            if isinstance(getattr(defaults, k), tuple) and isinstance(v, list):
+                v = tuple(v)
+            out[k] = v
+        return kind(**out)
+
+    return Config(
+        preset=d.get("preset", "paper"),
+        model=build(ModelConfig, d.get("model", {})),
+        data=build(DataConfig, d.get("data", {})),
+        train=build(TrainConfig, d.get("train", {})),
+    )
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write ``cfg`` as indented JSON."""
+    Path(path).write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a config written by :func:`save_config`."""
+    return config_from_dict(json.loads(Path(path).read_text()))
