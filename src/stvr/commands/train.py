@@ -1,0 +1,47 @@
+"""``stvr train``: train a model on a dataset root (single process or torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..config import apply_overrides, preset
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """``--preset`` and repeated ``--set section.field=value`` overrides."""
+    p.add_argument("--preset", choices=("paper", "cpu"), default="cpu",
+                   help="configuration preset (default: cpu)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set model.cell=conv (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace):
+    """The preset of ``args.preset`` with ``args.overrides`` applied."""
+    return apply_overrides(preset(args.preset), args.overrides)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the matching network",
+                       description="Train on a dataset root written by `stvr data ...`. "
+                       "Run under `torchrun --nproc_per_node N` for several GPUs.")
+    add_config_arguments(p)
+    p.add_argument("--data", help="dataset root (default: the preset's data.root)")
+    p.add_argument("--out", required=True, help="run folder for checkpoints and logs")
+    p.add_argument("--steps", type=int, help="total optimizer steps (default: train.max_steps)")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing last checkpoint")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: train.device)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import train
+
+    cfg = config_from_args(args)
+    if args.data:
+        cfg.data.root = args.data
+    if args.device:
+        cfg.train.device = args.device
+    summary = train(cfg, args.out, resume=not args.no_resume, max_steps=args.steps)
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,43 @@
+import json
+
+import pytest
+
+from stvr.config import (apply_overrides, config_from_dict, config_to_dict, load_config,
+                         preset, save_config)
+
+
+def test_presets_differ_in_sizes_only_where_documented():
+    paper, cpu = preset("paper"), preset("cpu")
+    assert paper.model.image_size == 320 and paper.model.backbone == "i3d"
+    assert paper.model.backbone_channels == 1024 and paper.model.cell_bottleneck == 128
+    assert paper.train.lr == 0.03 and paper.train.lr_steps == (10_000, 20_000)
+    assert paper.train.grad_clip_norm == 10.0 and paper.train.batch_size == 8
+    assert cpu.model.image_size == 128 and cpu.model.backbone == "tiny"
+    assert cpu.model.cell == paper.model.cell == "warp"
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("gpu")
+
+
+def test_overrides_parse_types_and_reject_unknown():
+    cfg = apply_overrides(preset("cpu"), ["model.cell=conv", "train.lr=0.5",
+                                          "model.anchor_scales=0.5,1", "model.freeze_bn=false",
+                                          "model.i3d_weights=w.safetensors", "train.max_steps=7"])
+    assert cfg.model.cell == "conv" and cfg.train.lr == 0.5 and cfg.train.max_steps == 7
+    assert cfg.model.anchor_scales == (0.5, 1.0) and cfg.model.freeze_bn is False
+    assert cfg.model.i3d_weights == "w.safetensors"
+    assert preset("cpu").model.cell == "warp"  # the preset itself is untouched
+    for bad in ["model.nope=1", "nosection.cell=conv", "cell=conv", "model.cell=lstm",
+                "train.lr=fast"]:
+        with pytest.raises(ValueError):
+            apply_overrides(preset("cpu"), [bad])
+
+
+def test_config_json_round_trip(tmp_path):
+    cfg = apply_overrides(preset("cpu"), ["model.cell=traj", "train.lr_steps=5,9"])
+    save_config(cfg, tmp_path / "c.json")
+    back = load_config(tmp_path / "c.json")
+    assert back == cfg
+    d = config_to_dict(cfg)
+    d["model"]["bogus"] = 1
+    with pytest.raises(ValueError, match="bogus"):
+        config_from_dict(json.loads(json.dumps(d)))
