@@ -1,0 +1,283 @@
+"""Tests of stvr.model: shapes, losses, masks, streaming, determinism, RoI crops."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stvr.config import preset
+from stvr.data.batch import PairBatch
+from stvr.model import STVRModel, _rank_in_groups, _sample, crop_features
+
+S = 96  # 6 x 6 feature maps (the warp cell's 3 x 3 control grid needs more than 4 x 4)
+
+
+def small_cfg(**kw):
+    base = dict(image_size=S, tiny_width=4, backbone_channels=16, cell_bottleneck=8, rpn_channels=16,
+                anchor_base_size=32.0, attention_dim=8, head_mid_channels=8, head_out_channels=32,
+                head_blocks=1, cell="none")
+    base.update(kw)
+    return dataclasses.replace(preset("cpu").model, **base)
+
+
+GT = [[0.1, 0.1, 0.45, 0.6], [0.5, 0.35, 0.9, 0.95]]
+
+
+def make_batch(lengths=(3, 2), num_queries=(2, 1), extra_pad=0, seed=1):
+    """Two pairs with moving squares; padded clips are zeros at the end."""
+    g = torch.Generator().manual_seed(seed)
+    b, length = len(lengths), max(lengths) + extra_pad
+    nq = sum(num_queries)
+    qc = torch.rand(nq, 3, 8, S, S, generator=g) * 2 - 1
+    qb = torch.tensor([[0.2, 0.2, 0.6, 0.7]]).repeat(nq, 1)
+    qi = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(num_queries)])
+    rc = torch.zeros(b, length, 3, 8, S, S)
+    mask = torch.zeros(b, length, dtype=torch.bool)
+    gb, gl = [], []
+    for i, n in enumerate(lengths):
+        rc[i, :n] = torch.rand(n, 3, 8, S, S, generator=g) * 2 - 1
+        for t in range(n):   # bright box where the query-match GT is
+            y1, x1 = int(0.1 * S), int(0.1 * S)
+            rc[i, t, :, :, y1:int(0.6 * S), x1:int(0.45 * S)] = 0.9
+        mask[i, :n] = True
+        gb.append([torch.tensor(GT) if t < n else torch.zeros(0, 4) for t in range(length)])
+        gl.append([torch.tensor([2, 1]) if t < n else torch.zeros(0, dtype=torch.long) for t in range(length)])
+    return PairBatch(qc, qb, qi, rc, mask, gb, gl, pair_ids=list(range(b)))
+
+
+def build(seed=0, **kw):
+    torch.manual_seed(seed)
+    return STVRModel(small_cfg(**kw))
+
+
+def test_crop_features_emulates_tf_crop_and_resize():
+    feats = torch.randn(2, 3, 6, 5)
+    boxes = torch.tensor([[0.1, 0.2, 0.7, 0.9], [0.0, 0.0, 1.0, 1.0], [0.33, 0.5, 0.34, 0.52]])
+    idx = torch.tensor([0, 1, 1])
+    out = crop_features(feats, boxes, idx, crop_size=14, pool=1)
+    # TF: y_i = y1 * (h - 1) + i * (y2 - y1) * (h - 1) / 13, bilinear
+    h, w = 6, 5
+    i = torch.arange(14.0)
+    ref = []
+    for b, k in zip(boxes, idx):
+        ys = b[1] * (h - 1) + i * (b[3] - b[1]) * (h - 1) / 13
+        xs = b[0] * (w - 1) + i * (b[2] - b[0]) * (w - 1) / 13
+        grid = torch.stack(torch.meshgrid(xs / (w - 1) * 2 - 1, ys / (h - 1) * 2 - 1, indexing="xy"), -1)
+        ref.append(F.grid_sample(feats[k:k + 1], grid[None], align_corners=True)[0])
+    torch.testing.assert_close(out, torch.stack(ref), atol=1e-5, rtol=1e-5)
+    pooled = crop_features(feats, boxes, idx)
+    assert pooled.shape == (3, 3, 7, 7)
+    torch.testing.assert_close(pooled, F.max_pool2d(out, 2, 2))
+
+
+def test_anchors_official_grid():
+    model = build()
+    anchors = model.anchors(6, 6, torch.device("cpu"))
+    assert anchors.shape == (6 * 6 * 12, 4)
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+    assert torch.allclose(centres[:12], torch.zeros(12, 2))               # offset 0
+    assert torch.allclose(centres[12 * 7], torch.tensor([16.0, 16.0]))    # stride 16
+    wh = anchors[:12, 2:] - anchors[:12, :2]
+    # scale 0.25, ratio 0.5: h = 8 / sqrt(.5), w = 8 * sqrt(.5)
+    torch.testing.assert_close(wh[0], torch.tensor([8 * 0.5 ** 0.5, 8 / 0.5 ** 0.5]))
+    torch.testing.assert_close(wh[:, 0] * wh[:, 1], torch.tensor([8.0, 8, 8, 16, 16, 16, 32, 32, 32, 64, 64, 64]) ** 2)
+
+
+def test_helpers_rank_and_sample():
+    g = torch.tensor([2, 0, 2, 1, 0, 2])
+    assert _rank_in_groups(g).tolist() == [0, 0, 1, 0, 1, 2]
+    labels = torch.tensor([[1] * 10 + [0] * 30 + [-1] * 5, [1] * 2 + [0] * 3 + [-1] * 40])
+    pos, neg = _sample(labels, 16, 0.25)
+    assert pos.sum(1).tolist() == [4, 2] and neg.sum(1).tolist() == [12, 3]
+    assert bool((labels[pos] == 1).all() and (labels[neg] == 0).all())
+
+
+@pytest.mark.parametrize("cell", ["none", "conv", "warp", "traj", "flow"])
+def test_forward_backward_every_cell(cell):
+    model = build(cell=cell).train()
+    losses = model(make_batch())
+    assert set(losses) == {"rpn_objectness", "rpn_box", "box_classifier", "box_reg", "loss"}
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
+    cfg = model.cfg
+    total = (cfg.rpn_obj_weight * losses["rpn_objectness"] + cfg.rpn_loc_weight * losses["rpn_box"]
+             + cfg.box_cls_weight * losses["box_classifier"] + cfg.box_loc_weight * losses["box_reg"])
+    torch.testing.assert_close(losses["loss"], total)
+    losses["loss"].backward()
+    groups = ["backbone", "rpn", "attention", "head"] + ([] if cell == "none" else ["cell"])
+    for name in groups:
+        params = [p for p in getattr(model, name).parameters() if p.requires_grad]
+        assert params and all(p.grad is not None for p in params), name
+        assert any(p.grad.abs().sum() > 0 for p in params), name
+    if cell == "none":
+        assert model.cell is None
+    model.eval()
+    dets = model(make_batch())
+    assert [len(d) for d in dets] == [3, 2]
+
+
+def test_intermediate_shapes_and_detection_format():
+    model = build(cell="conv").eval()
+    batch = make_batch(num_queries=(3, 1))
+    with torch.no_grad():
+        q = model.encode_query(batch.query_clips, batch.query_boxes)
+        assert q.shape == (4, 16, 7, 7)
+        feats = model.run_backbone(batch.reference_clips[0])
+        assert feats.shape == (3, 16, 6, 6)
+        maps, state = model.propagate(feats[None])
+        assert maps.shape == (1, 3, 16, 6, 6) and state[0].shape == (1, 16, 6, 6)
+        _, _, anchors, props, valid = model._proposals(maps[0])
+        assert props.shape == (3, model.cfg.max_proposals, 4)
+        assert (valid.sum(1) <= model.cfg.max_proposals).all() and valid.any()
+        assert bool(((props[valid] >= 0) & (props[valid] <= S)).all())
+        dets = model(batch)
+    assert len(dets) == 2 and [len(d) for d in dets] == [3, 2]
+    for pair in dets:
+        for d in pair:
+            assert d.dim() == 2 and d.shape[1] == 5 and 0 < d.shape[0] <= model.cfg.det_per_clip
+            assert d.shape[0] <= model.cfg.det_per_class
+            assert bool((d[:, :4] >= 0).all() and (d[:, :4] <= 1).all())
+            assert bool((d[:, 2] >= d[:, 0]).all() and (d[:, 3] >= d[:, 1]).all())
+            assert bool((d[1:, 4] <= d[:-1, 4]).all()) and bool(((d[:, 4] > 0) & (d[:, 4] < 1)).all())
+
+
+def test_padded_clips_do_not_contribute():
+    model = build(cell="conv").train()
+    torch.manual_seed(5)
+    base = model(make_batch())
+    torch.manual_seed(5)
+    padded = model(make_batch(extra_pad=1))          # L = 4 instead of 3, one more empty clip per pair
+    torch.testing.assert_close(padded["rpn_objectness"], base["rpn_objectness"])
+    torch.testing.assert_close(padded["rpn_box"], base["rpn_box"])
+    # second stage divides by B * L (padded clips counted, official), sums over real clips only
+    torch.testing.assert_close(padded["box_classifier"], base["box_classifier"] * 3 / 4)
+    torch.testing.assert_close(padded["box_reg"], base["box_reg"] * 3 / 4)
+    model.eval()
+    a, b = model(make_batch()), model(make_batch(extra_pad=1))
+    assert [len(p) for p in b] == [3, 2]
+    for pa, pb in zip(a, b):
+        for da, db in zip(pa, pb):
+            torch.testing.assert_close(da, db)
+
+
+def test_query_attention_is_per_pair():
+    model = build(cell="none").eval()
+    batch = make_batch(num_queries=(3, 2))
+    other = make_batch(num_queries=(3, 2))
+    other.query_clips[3:] = torch.rand_like(other.query_clips[3:]) * 2 - 1   # pair 1's queries only
+    other.query_boxes[3:] = torch.tensor([0.5, 0.5, 0.9, 0.8])
+    a, b = model(batch), model(other)
+    for da, db in zip(a[0], b[0]):
+        torch.testing.assert_close(da, db)
+    assert not torch.equal(a[1][0], b[1][0])
+
+
+def test_streaming_matches_batch_forward():
+    model = build(cell="conv").eval()
+    batch = make_batch(lengths=(5,), num_queries=(2,))
+    full = model(batch)[0]
+    q = model.encode_query(batch.query_clips, batch.query_boxes)
+    ref = batch.reference_clips[0]
+    first, state = model.detect_clips(q, ref[:2])
+    second, state = model.detect_clips(q, ref[2:], state)
+    assert len(first) + len(second) == 5
+    for d, e in zip(first + second, full):
+        torch.testing.assert_close(d, e)
+
+
+def test_flow_cell_streaming_uses_previous_clip():
+    model = build(cell="flow").eval()
+    batch = make_batch(lengths=(4,), num_queries=(1,))
+    full = model(batch)[0]
+    q = model.encode_query(batch.query_clips, batch.query_boxes)
+    ref = batch.reference_clips[0]
+    a, state = model.detect_clips(q, ref[:1])
+    b, _ = model.detect_clips(q, ref[1:], state)
+    for d, e in zip(a + b, full):
+        torch.testing.assert_close(d, e)
+
+
+def test_record_offsets_warp():
+    model = build(cell="warp").eval()
+    model.record_offsets = True
+    model(make_batch())
+    assert len(model.last_offsets) == 3
+    assert all(o.shape == (2, 9, 2) for o in model.last_offsets)
+    assert model.control_points.shape == (9, 2)
+
+
+def test_binary_head():
+    model = build(head="binary").train()
+    losses = model(make_batch())
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"]) and model.head.cls_score.weight.grad is not None
+    dets = model.eval()(make_batch())
+    assert dets[0][0].shape[1] == 5 and dets[0][0].shape[0] <= model.cfg.det_per_class
+
+
+def test_deterministic_with_seed():
+    a = build(seed=3, cell="conv").train()
+    b = build(seed=3, cell="conv").train()
+    torch.manual_seed(7)
+    la = a(make_batch())
+    torch.manual_seed(7)
+    lb = b(make_batch())
+    for k in la:
+        assert torch.equal(la[k], lb[k]), k
+
+
+def test_overfits_one_batch():
+    model = build(cell="none").train()
+    batch = make_batch(lengths=(2, 2), num_queries=(1, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    history = []
+    for _ in range(40):
+        losses = model(batch)
+        opt.zero_grad()
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        opt.step()
+        history.append(float(losses["loss"].detach()))
+    assert sum(history[-5:]) / 5 < 0.6 * sum(history[:5]) / 5, history
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        STVRModel(small_cfg(image_size=100))
+    with pytest.raises(ValueError, match="head"):
+        STVRModel(small_cfg(head="mlp"))
+
+
+def test_model_info_command(capsys):
+    from stvr.cli import main
+    from stvr.commands.model import model_summary
+
+    summary = model_summary(small_cfg(cell="conv"))
+    params = summary["parameters"]
+    assert params["total"] == sum(params[k] for k in ("backbone", "cell", "rpn", "attention", "head"))
+    model = build(cell="conv")
+    assert params["total"] == sum(p.numel() for p in model.parameters())
+    assert params["rpn"] == sum(p.numel() for p in model.rpn.parameters())
+    flops = summary["flops_per_clip"]
+    assert all(flops[k] > 0 for k in ("backbone", "cell", "rpn", "attention", "head"))
+    # RPN 3x3 conv: 2 * (h*w) * Cin * Cout * 9 FLOPs at least
+    assert flops["rpn"] >= 2 * 36 * 16 * 16 * 9
+    assert main(["model", "info", "--preset", "cpu", "--set", "model.cell=none", "--no-flops"]) == 0
+    out = capsys.readouterr().out
+    assert "cell=none" in out and "backbone" in out
+    assert main(["model", "info", "--set", "model.cell=bogus"]) == 2
+
+
+def test_clips_without_ground_truth_give_finite_losses():
+    batch = make_batch()
+    batch.gt_boxes[0][1] = torch.zeros(0, 4)
+    batch.gt_labels[0][1] = torch.zeros(0, dtype=torch.long)
+    batch.gt_boxes[1] = [torch.zeros(0, 4)] * 3
+    batch.gt_labels[1] = [torch.zeros(0, dtype=torch.long)] * 3
+    model = build(cell="conv").train()
+    losses = model(batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+    losses["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
