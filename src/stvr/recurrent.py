@@ -1,0 +1,589 @@
+"""Recurrent cells that propagate reference features from clip to clip.
+
+Four cells share one LSTM update (the official ConvLSTM design, reference-facts
+section 5, steps 5-11, commit 04780188) and differ only in what they do to the
+previous state before it:
+
+- ``"conv"``  :class:`ConvLSTMCell`  -- nothing (the ConvLSTM baseline).
+- ``"warp"``  :class:`WarpLSTMCell`  -- warp h and c with a polyharmonic spline
+  through a few predicted control-point displacements (paper Eq. 4).
+- ``"traj"``  :class:`TrajLSTMCell`  -- TrajGRU's structure-generating network:
+  L predicted dense flows, h warped along each, recombined by a 1x1 conv.
+- ``"flow"``  :class:`FlowLSTMCell`  -- warp h and c by a given dense optical
+  flow (see :func:`clip_flow`).
+
+Every cell is called as ``cell(x, state=None, **extra) -> (output, state)`` with
+``x`` ``[B, C_in, H, W]``, ``output`` ``[B, hidden, H, W]`` and ``state`` the
+tuple ``(h, c)``, both ``[B, hidden, H, W]`` (``state=None`` starts from zeros).
+Build one by name with :func:`build_cell`.
+
+Displacements and flows are always in feature-map cells, channel 0 = dy (rows),
+channel 1 = dx (columns).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "ConvLSTMCell",
+    "WarpLSTMCell",
+    "TrajLSTMCell",
+    "FlowLSTMCell",
+    "CELL_CLASSES",
+    "build_cell",
+    "cell_options",
+    "control_point_grid",
+    "clip_flow",
+]
+
+State = tuple[Tensor, Tensor]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _glorot_(module: nn.Module) -> None:
+    """Slim defaults: Glorot-uniform weights, zero biases, for every conv/linear inside."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def control_point_grid(height: int, width: int, grid: int = 3, device=None, dtype=None) -> Tensor:
+    """Control-point positions of the warp cell, ``[grid * grid, 2]`` (row, col).
+
+    The points sit on ``grid`` evenly spaced interior lines of the map, rows at
+    ``(i + 1) * height / (grid + 1)`` and columns likewise, in row-major order
+    (20x20, grid 3 -> rows/cols 5, 10, 15, as in the official code; 8x8 -> 2, 4, 6).
+    Units: feature cells. Non-integer positions are kept as they are.
+    """
+    grid = _check_positive_int("grid", grid)
+    rows = torch.arange(1, grid + 1, dtype=torch.float64) * (height / (grid + 1))
+    cols = torch.arange(1, grid + 1, dtype=torch.float64) * (width / (grid + 1))
+    pts = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(-1, 2)
+    return pts.to(device=device, dtype=dtype or torch.get_default_dtype())
+
+
+def _gather_points(feat: Tensor, points: Tensor) -> Tensor:
+    """Bilinear samples of ``feat`` ``[B, C, H, W]`` at ``points`` ``[N, 2]`` (row, col,
+    clamped to the map) -> ``[B, C, N]``. Exact copies at integer positions."""
+    B, C, H, W = feat.shape
+    y = points[:, 0].clamp(0, H - 1)
+    x = points[:, 1].clamp(0, W - 1)
+    y0 = y.floor()
+    x0 = x.floor()
+    wy = (y - y0).to(feat.dtype)
+    wx = (x - x0).to(feat.dtype)
+    y0 = y0.long()
+    x0 = x0.long()
+    y1 = (y0 + 1).clamp(max=H - 1)
+    x1 = (x0 + 1).clamp(max=W - 1)
+    flat = feat.flatten(2)
+    if not bool((wy != 0).any() or (wx != 0).any()):  # integer control points: plain gather
+        return flat[:, :, y0 * W + x0]
+    idx = torch.cat([y0 * W + x0, y0 * W + x1, y1 * W + x0, y1 * W + x1])
+    w = torch.cat([(1 - wy) * (1 - wx), (1 - wy) * wx, wy * (1 - wx), wy * wx])
+    n = points.shape[0]
+    return (flat[:, :, idx] * w).view(B, C, 4, n).sum(2)
+
+
+def _warp_module():
+    from . import warp  # imported lazily: the conv and traj cells do not need it
+
+    return warp
+
+
+# --------------------------------------------------------------------------- ConvLSTM
+
+
+class ConvLSTMCell(nn.Module):
+    """The official ConvLSTM cell (reference-facts section 5 steps 1, 5-11; commit 04780188).
+
+    With ``z = concat(x, h_prev)`` (``C_in + hidden`` channels):
+
+    1. depthwise 3x3 (SAME, no bias) + pointwise 1x1 -> ``bottleneck`` channels (+bias),
+       no activation; 1x1 -> ``4 * hidden`` (+bias); split into (i, j, f, o);
+    2. LayerNorm of each of i, j, f, o over (C, H, W) per sample (eps 1e-12), then a
+       per-channel gamma/beta (init 1/0);
+    3. ``c = sigmoid(f + forget_bias) * c_prev + sigmoid(i) * tanh(j)``; ``c = LN(c)``
+       (own gamma/beta; the normalized cell is the stored state);
+    4. ``out = tanh(c) * sigmoid(o)``; skip: ``out = out + x``; next state ``(out, c)``.
+
+    The candidate uses tanh as in the official code (the paper writes sigmoid).
+    When ``in_channels != hidden_channels`` the skip adds a learned 1x1 projection
+    of x (no bias) instead of x itself (the official cell always had equal sizes).
+    Weights are Glorot-uniform, biases zero (TF-slim defaults).
+
+    Args:
+        in_channels: C_in of the input map ``x``.
+        hidden_channels: channels of h, c and of the output.
+        bottleneck: gate bottleneck channels (official 128).
+        forget_bias: added to the forget gate after its LayerNorm (official 1.0).
+        layer_norm: LayerNorm on the four gates and on the cell (official True).
+        skip: additive skip of the input into the output/hidden state (official True).
+
+    Call: ``cell(x [B, C_in, H, W], state=None) -> (out [B, hidden, H, W], (h, c))``.
+    """
+
+    kind = "conv"
+
+    def __init__(
+        self,
+        in_channels: int,
+        hidden_channels: int,
+        bottleneck: int = 128,
+        forget_bias: float = 1.0,
+        layer_norm: bool = True,
+        skip: bool = True,
+    ) -> None:
+        super().__init__()
+        self.in_channels = _check_positive_int("in_channels", in_channels)
+        self.hidden_channels = _check_positive_int("hidden_channels", hidden_channels)
+        self.bottleneck = _check_positive_int("bottleneck", bottleneck)
+        if isinstance(forget_bias, bool) or not isinstance(forget_bias, (int, float)) or not math.isfinite(forget_bias):
+            raise ValueError(f"forget_bias must be a finite number, got {forget_bias!r}")
+        if not isinstance(layer_norm, bool):
+            raise ValueError(f"layer_norm must be a bool, got {layer_norm!r}")
+        if not isinstance(skip, bool):
+            raise ValueError(f"skip must be a bool, got {skip!r}")
+        self.forget_bias = float(forget_bias)
+        self.layer_norm = layer_norm
+        self.skip = skip
+
+        z = self.in_channels + self.hidden_channels
+        hid = self.hidden_channels
+        self.depthwise = nn.Conv2d(z, z, 3, padding=1, groups=z, bias=False)
+        self.pointwise = nn.Conv2d(z, self.bottleneck, 1)
+        self.expand = nn.Conv2d(self.bottleneck, 4 * hid, 1)
+        if layer_norm:
+            self.gate_gamma = nn.Parameter(torch.ones(4, hid))
+            self.gate_beta = nn.Parameter(torch.zeros(4, hid))
+            self.cell_gamma = nn.Parameter(torch.ones(hid))
+            self.cell_beta = nn.Parameter(torch.zeros(hid))
+        self.skip_proj = (
+            nn.Conv2d(self.in_channels, hid, 1, bias=False) if skip and self.in_channels != hid else None
+        )
+        _glorot_(self)
+
+    # -- shared pieces ---------------------------------------------------------------
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__}: x must be [B, {self.in_channels}, H, W], got {tuple(x.shape)}"
+            )
+
+    def _init_state(self, x: Tensor, state: State | None) -> tuple[Tensor, Tensor]:
+        self._check_input(x)
+        B, _, H, W = x.shape
+        shape = (B, self.hidden_channels, H, W)
+        if state is None:
+            zeros = x.new_zeros(shape)
+            return zeros, zeros
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise ValueError(f"{type(self).__name__}: state must be a tuple (h, c) or None")
+        h, c = state
+        if tuple(h.shape) != shape or tuple(c.shape) != shape:
+            raise ValueError(
+                f"{type(self).__name__}: state tensors must be {list(shape)}, "
+                f"got h {list(h.shape)} and c {list(c.shape)}"
+            )
+        return h, c
+
+    def update(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """The LSTM update from input ``x`` and (possibly warped) ``h``, ``c``;
+        returns ``(out, c_new)``, both ``[B, hidden, H, W]``."""
+        B, _, H, W = x.shape
+        hid = self.hidden_channels
+        z = torch.cat([x, h], dim=1)
+        gates = self.expand(self.pointwise(self.depthwise(z)))
+        gates = gates.view(B, 4, hid, H, W)
+        if self.layer_norm:
+            gates = F.layer_norm(gates, (hid, H, W), eps=1e-12)
+            gates = torch.addcmul(
+                self.gate_beta.view(1, 4, hid, 1, 1), gates, self.gate_gamma.view(1, 4, hid, 1, 1)
+            )
+        i, j, f, o = gates.unbind(1)
+        c_new = torch.sigmoid(f + self.forget_bias) * c + torch.sigmoid(i) * torch.tanh(j)
+        if self.layer_norm:
+            c_new = F.layer_norm(c_new, (hid, H, W), eps=1e-12)
+            c_new = torch.addcmul(self.cell_beta.view(1, hid, 1, 1), c_new, self.cell_gamma.view(1, hid, 1, 1))
+        out = torch.tanh(c_new) * torch.sigmoid(o)
+        if self.skip:
+            out = out + (x if self.skip_proj is None else self.skip_proj(x))
+        return out, c_new
+
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        h, c = self._init_state(x, state)
+        out, c = self.update(x, h, c)
+        return out, (out, c)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.hidden_channels}, bottleneck={self.bottleneck}, "
+            f"forget_bias={self.forget_bias}, layer_norm={self.layer_norm}, skip={self.skip}"
+        )
+
+
+# --------------------------------------------------------------------------- warp LSTM
+
+
+class WarpLSTMCell(ConvLSTMCell):
+    """Warp LSTM (paper Eq. 4; reference-facts section 5): a ConvLSTM whose previous
+    h and c are first warped by a thin-plate (polyharmonic) spline.
+
+    - Control points (source): ``grid x grid`` points on evenly spaced interior lines,
+      see :func:`control_point_grid` (20x20 -> rows/cols 5, 10, 15).
+    - Displacements: a 1x1 conv on ``concat(x, h_prev)`` evaluated only at the control
+      points, implemented as a :class:`~torch.nn.Linear` on the gathered control-point
+      feature vectors (identical, and it never computes the full map). Non-integer
+      control positions (map size not divisible by ``grid + 1``) are sampled
+      bilinearly. Units: feature cells, channel 0 = dy, 1 = dx; ``dest = source +
+      displacement``. The official code parametrises this 1x1 conv as a depthwise
+      1x1 scale times a pointwise 1x1 (the same function class).
+    - ``offset_init="zero"`` (default) starts the predictor at zero weight and bias, so
+      an untrained warp cell computes exactly a ConvLSTM; ``"glorot"`` is the official
+      Glorot-uniform init (non-zero initial offsets).
+    - Warp: ``stvr.warp`` sparse image warp of h and c together (one spline fit, one
+      bilinear resampling, border-clamped), ``order`` (2 = r^2 log r, 1 = r),
+      ``num_boundary_points`` k -> 4k zero-flow points on the border (official 4),
+      regularization 0.
+    - Then the ConvLSTM update of :class:`ConvLSTMCell` on the warped state.
+
+    With ``state=None`` the zero state is not warped (warping zeros gives zeros).
+
+    Visualization (attributes, detached, refreshed by every call):
+    ``cell.control_points`` ``[N, 2]`` buffer (row, col) of the last map size;
+    ``cell.last_offsets`` ``[B, N, 2]`` predicted displacements (dy, dx);
+    ``cell.last_dense_flow`` ``[B, H, W, 2]`` the interpolated flow applied to the state
+    (output p sampled the old state at ``p - flow(p)``), ``None`` when the state was None.
+    """
+
+    kind = "warp"
+
+    def __init__(
+        self,
+        in_channels: int,
+        hidden_channels: int,
+        bottleneck: int = 128,
+        forget_bias: float = 1.0,
+        layer_norm: bool = True,
+        skip: bool = True,
+        grid: int = 3,
+        order: int = 2,
+        num_boundary_points: int = 4,
+        offset_init: str = "zero",
+    ) -> None:
+        super().__init__(in_channels, hidden_channels, bottleneck, forget_bias, layer_norm, skip)
+        self.grid = _check_positive_int("grid", grid)
+        self.order = _check_positive_int("order", order)
+        self.num_boundary_points = _check_positive_int("num_boundary_points", num_boundary_points, minimum=0)
+        if offset_init not in ("zero", "glorot"):
+            raise ValueError(f"offset_init must be 'zero' or 'glorot', got {offset_init!r}")
+        self.offset_init = offset_init
+        self.offset = nn.Linear(self.in_channels + self.hidden_channels, 2)
+        if offset_init == "zero":
+            nn.init.zeros_(self.offset.weight)
+        else:
+            nn.init.xavier_uniform_(self.offset.weight)
+        nn.init.zeros_(self.offset.bias)
+        self.register_buffer("control_points", torch.zeros(0, 2), persistent=False)
+        self.last_offsets: Tensor | None = None
+        self.last_dense_flow: Tensor | None = None
+
+    def _control_points(self, H: int, W: int, x: Tensor) -> Tensor:
+        pts = self.control_points
+        if pts.shape[0] != self.grid**2 or getattr(self, "_cp_size", None) != (H, W) or pts.device != x.device:
+            pts = control_point_grid(H, W, self.grid, device=x.device, dtype=torch.float32)
+            self.control_points = pts
+            self._cp_size = (H, W)
+        return pts
+
+    def predict_offsets(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Control points ``[N, 2]`` and displacements ``[B, N, 2]`` (dy, dx, cells)
+        predicted from ``x`` and the unwarped ``h``."""
+        H, W = x.shape[-2:]
+        pts = self._control_points(H, W, x)
+        feats = torch.cat([_gather_points(x, pts), _gather_points(h, pts)], dim=1)  # [B, C_in+hid, N]
+        return pts, self.offset(feats.transpose(1, 2))
+
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        h, c = self._init_state(x, state)
+        pts, offsets = self.predict_offsets(x, h)
+        self.last_offsets = offsets.detach()
+        if state is None:
+            self.last_dense_flow = None
+        else:
+            src = pts.to(x.dtype).unsqueeze(0).expand_as(offsets)
+            (h, c), flow = _warp_module().warp_states(
+                (h, c), src, src + offsets, order=self.order, num_boundary_points=self.num_boundary_points
+            )
+            self.last_dense_flow = flow.detach()
+        out, c = self.update(x, h, c)
+        return out, (out, c)
+
+    def extra_repr(self) -> str:
+        return (
+            super().extra_repr()
+            + f", grid={self.grid}, order={self.order}, num_boundary_points={self.num_boundary_points}, "
+            f"offset_init={self.offset_init!r}"
+        )
+
+
+# --------------------------------------------------------------------------- TrajLSTM
+
+
+def _grid_from_flow(flow_yx: Tensor) -> Tensor:
+    """``flow_yx`` ``[B, 2, H, W]`` (dy, dx, cells) -> grid_sample grid ``[B, H, W, 2]``
+    (normalized x, y, align_corners=True) sampling at ``p - flow(p)``. Needs H, W >= 2."""
+    B, _, H, W = flow_yx.shape
+    ys = torch.arange(H, device=flow_yx.device, dtype=flow_yx.dtype).view(1, H, 1)
+    xs = torch.arange(W, device=flow_yx.device, dtype=flow_yx.dtype).view(1, 1, W)
+    gy = (ys - flow_yx[:, 0]) * (2.0 / (H - 1)) - 1.0
+    gx = (xs - flow_yx[:, 1]) * (2.0 / (W - 1)) - 1.0
+    return torch.stack([gx, gy], dim=-1)
+
+
+class TrajLSTMCell(ConvLSTMCell):
+    """TrajLSTM baseline (paper section 6.1): TrajGRU's structure-generating network
+    (reference-facts section 12) in front of the ConvLSTM update.
+
+    - ``a = LeakyReLU_0.2(conv5x5(x -> traj_channels) + conv5x5(h_prev -> traj_channels))``
+      (both with bias), ``flows = conv5x5(a -> 2 * links)``; the output conv starts at
+      zero weight and bias (TrajGRU's INIT_GRID), i.e. identity warps at init. Link l
+      uses channels (2l, 2l+1) = (dy, dx), feature cells.
+    - ``h_prev`` is warped along each flow (output p samples ``p - flow_l(p)``,
+      bilinear, ZERO outside the map as in TrajGRU and the paper's Fig. 7), the ``links``
+      warped maps are concatenated and a 1x1 conv (no bias) maps them to ``hidden``
+      channels (= the sum of TrajGRU's per-link 1x1 convs). That map replaces
+      ``h_prev`` in the ConvLSTM update.
+    - ``c_prev`` is not warped (the paper does not say; TrajGRU has no cell).
+    Needs H, W >= 2.
+    """
+
+    kind = "traj"
+
+    def __init__(
+        self,
+        in_channels: int,
+        hidden_channels: int,
+        bottleneck: int = 128,
+        forget_bias: float = 1.0,
+        layer_norm: bool = True,
+        skip: bool = True,
+        links: int = 5,
+        traj_channels: int = 32,
+    ) -> None:
+        super().__init__(in_channels, hidden_channels, bottleneck, forget_bias, layer_norm, skip)
+        self.links = _check_positive_int("links", links)
+        self.traj_channels = _check_positive_int("traj_channels", traj_channels)
+        self.traj_x = nn.Conv2d(self.in_channels, self.traj_channels, 5, padding=2)
+        self.traj_h = nn.Conv2d(self.hidden_channels, self.traj_channels, 5, padding=2)
+        self.traj_out = nn.Conv2d(self.traj_channels, 2 * self.links, 5, padding=2)
+        self.combine = nn.Conv2d(self.links * self.hidden_channels, self.hidden_channels, 1, bias=False)
+        for m in (self.traj_x, self.traj_h, self.combine):
+            _glorot_(m)
+        nn.init.zeros_(self.traj_out.weight)
+        nn.init.zeros_(self.traj_out.bias)
+        self.last_flows: Tensor | None = None
+
+    def flows(self, x: Tensor, h: Tensor) -> Tensor:
+        """The ``links`` flows ``[B, links, 2, H, W]`` (dy, dx, feature cells)."""
+        a = F.leaky_relu(self.traj_x(x) + self.traj_h(h), 0.2)
+        f = self.traj_out(a)
+        return f.view(f.shape[0], self.links, 2, *f.shape[-2:])
+
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        h, c = self._init_state(x, state)
+        B, _, H, W = x.shape
+        flows = self.flows(x, h)
+        self.last_flows = flows.detach()
+        # All links in one grid_sample: grids stacked along the output rows, so the
+        # result [B, hid, L*H, W] is the [B, hid*L, H, W] stack (channel = c*L + l).
+        grid = _grid_from_flow(flows.reshape(B * self.links, 2, H, W)).view(B, self.links * H, W, 2)
+        warped = F.grid_sample(h, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        h_comb = self.combine(warped.reshape(B, self.hidden_channels * self.links, H, W))
+        out, c = self.update(x, h_comb, c)
+        return out, (out, c)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", links={self.links}, traj_channels={self.traj_channels}"
+
+
+# --------------------------------------------------------------------------- flow-warped LSTM
+
+
+class FlowLSTMCell(ConvLSTMCell):
+    """Optical-flow baseline (paper section 6.1): a ConvLSTM whose previous h and c
+    are warped by a given dense flow before the update.
+
+    Call: ``cell(x, state, flow=[B, H, W, 2])``; ``flow`` in feature cells, channel
+    0 = dy, 1 = dx, the motion from the previous clip to the current one at each
+    position of the current map (e.g. from :func:`clip_flow`). The state is warped
+    with ``stvr.warp.dense_image_warp`` (output p samples the old state at
+    ``p - flow(p)``, bilinear, border-clamped). A missing flow is an error unless
+    ``state`` is None (the zero state needs no warp).
+    """
+
+    kind = "flow"
+
+    def forward(self, x: Tensor, state: State | None = None, flow: Tensor | None = None) -> tuple[Tensor, State]:
+        h, c = self._init_state(x, state)
+        if state is not None:
+            if flow is None:
+                raise ValueError("FlowLSTMCell needs flow=[B, H, W, 2] whenever a state is given")
+            B, _, H, W = x.shape
+            if flow.dim() != 4 or tuple(flow.shape) != (B, H, W, 2):
+                raise ValueError(f"FlowLSTMCell: flow must be [{B}, {H}, {W}, 2], got {tuple(flow.shape)}")
+            # h and c in one channels-last buffer: one resampling pass for both
+            hc = torch.cat([h.permute(0, 2, 3, 1), c.permute(0, 2, 3, 1)], dim=-1).permute(0, 3, 1, 2)
+            hc = _warp_module().dense_image_warp(hc, flow.to(x.dtype))
+            h, c = hc.split(self.hidden_channels, dim=1)
+        out, c = self.update(x, h, c)
+        return out, (out, c)
+
+
+# --------------------------------------------------------------------------- factory
+
+CELL_CLASSES: dict[str, type[ConvLSTMCell]] = {
+    "conv": ConvLSTMCell,
+    "warp": WarpLSTMCell,
+    "traj": TrajLSTMCell,
+    "flow": FlowLSTMCell,
+}
+
+
+def build_cell(kind: str, in_channels: int, hidden_channels: int, **options: Any) -> nn.Module:
+    """Build a recurrent cell by name.
+
+    ``kind``: "conv" | "warp" | "traj" | "flow". ``options`` are the keyword arguments
+    of the class (:class:`ConvLSTMCell`: bottleneck, forget_bias, layer_norm, skip;
+    warp adds grid, order, num_boundary_points, offset_init; traj adds links,
+    traj_channels). Unknown kinds, unknown options and bad values raise ValueError.
+    """
+    if kind not in CELL_CLASSES:
+        raise ValueError(f"unknown cell kind {kind!r}; choose one of {sorted(CELL_CLASSES)}")
+    cls = CELL_CLASSES[kind]
+    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "in_channels", "hidden_channels")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for cell kind {kind!r}; allowed: {allowed}")
+    return cls(in_channels, hidden_channels, **options)
+
+
+def cell_options(model_config: Any, kind: str | None = None) -> dict[str, Any]:
+    """The :func:`build_cell` options of ``kind`` (default ``model_config.cell``) taken
+    from a :class:`stvr.config.ModelConfig` (cell_bottleneck, warp_grid, warp_order,
+    warp_boundary_points, traj_links)."""
+    kind = kind or model_config.cell
+    opts: dict[str, Any] = {"bottleneck": model_config.cell_bottleneck}
+    if kind == "warp":
+        opts.update(
+            grid=model_config.warp_grid,
+            order=model_config.warp_order,
+            num_boundary_points=model_config.warp_boundary_points,
+        )
+    elif kind == "traj":
+        opts.update(links=model_config.traj_links)
+    return opts
+
+
+# --------------------------------------------------------------------------- optical flow
+
+
+def _gray_uint8(frames: Tensor) -> np.ndarray:
+    """``[B, 3, T, H, W]`` RGB in [-1, 1] -> ``[B, T, H, W]`` uint8 luma (BT.601)."""
+    weights = frames.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1, 1)
+    gray = ((frames + 1.0) * 127.5 * weights).sum(1)
+    return gray.round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+
+
+def clip_flow(
+    previous_clip: Tensor | None,
+    clip: Tensor,
+    feature_size: int | Sequence[int],
+    method: str = "dis",
+) -> Tensor:
+    """Motion of the current clip since the previous one, at feature resolution.
+
+    Args:
+        previous_clip: ``[B, 3, T, H, W]`` in [-1, 1] (only its last frame is used),
+            or None (first clip: the flow is zero).
+        clip: ``[B, 3, T, H, W]`` in [-1, 1], RGB.
+        feature_size: ``h`` or ``(h, w)`` of the feature map.
+        method: "dis" (OpenCV DIS, preset FAST) or "farneback".
+
+    Returns ``[B, h, w, 2]`` on ``clip``'s device: for each position p of the current
+    clip's last frame, its displacement since the previous clip's last frame, in
+    feature cells, channel 0 = dy, 1 = dx -- the convention of :class:`FlowLSTMCell`
+    (the state is warped so that p samples ``p - flow(p)``).
+
+    Composition: OpenCV computes T backward flows ``b_k`` (frame k+1 -> frame k, over
+    the T + 1 frames "previous last frame, clip frames 0..T-1"); a point of the last
+    frame is tracked back by ``q <- q + b_k(q)`` (bilinear, border-clamped), and the
+    motion is ``p - q_0``. The pixel flow is then averaged down to ``(h, w)`` (area /
+    antialiased bilinear) and scaled by ``h / H`` and ``w / W`` (1/16 for the paper).
+    """
+    if method not in ("dis", "farneback"):
+        raise ValueError(f"method must be 'dis' or 'farneback', got {method!r}")
+    if clip.dim() != 5 or clip.shape[1] != 3:
+        raise ValueError(f"clip must be [B, 3, T, H, W], got {tuple(clip.shape)}")
+    if isinstance(feature_size, (int, np.integer)):
+        fh = fw = int(feature_size)
+    else:
+        fh, fw = (int(v) for v in feature_size)
+    if fh < 1 or fw < 1:
+        raise ValueError(f"feature_size must be positive, got {feature_size!r}")
+    B, _, T, H, W = clip.shape
+    if previous_clip is None:
+        return clip.new_zeros(B, fh, fw, 2)
+    if previous_clip.dim() != 5 or previous_clip.shape[:2] != clip.shape[:2] or previous_clip.shape[-2:] != clip.shape[-2:]:
+        raise ValueError(
+            f"previous_clip must be [{B}, 3, T', {H}, {W}] like clip, got {tuple(previous_clip.shape)}"
+        )
+    import cv2
+
+    frames = torch.cat([previous_clip[:, :, -1:], clip], dim=2).detach().float()
+    gray = _gray_uint8(frames)  # [B, T+1, H, W]
+    backward = np.empty((B, T, H, W, 2), np.float32)  # (dx, dy) pixels, frame k+1 -> k
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_FAST) if method == "dis" else None
+    for b in range(B):
+        for k in range(T):
+            nxt, prev = gray[b, k + 1], gray[b, k]
+            if dis is not None:
+                backward[b, k] = dis.calc(nxt, prev, None)
+            else:
+                backward[b, k] = cv2.calcOpticalFlowFarneback(nxt, prev, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+    back = torch.from_numpy(backward)  # [B, T, H, W, 2]
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    base = torch.stack([xs, ys], dim=-1).expand(B, H, W, 2)  # (x, y)
+    scale = torch.tensor([2.0 / max(W - 1, 1), 2.0 / max(H - 1, 1)])
+    pos = base.clone()
+    for k in range(T - 1, -1, -1):
+        field = back[:, k].permute(0, 3, 1, 2)  # [B, 2, H, W] (dx, dy)
+        step = F.grid_sample(field, pos * scale - 1.0, mode="bilinear", padding_mode="border", align_corners=True)
+        pos = pos + step.permute(0, 2, 3, 1)
+    motion = (base - pos)[..., [1, 0]].permute(0, 3, 1, 2)  # [B, 2 (dy, dx), H, W] pixels
+    if (fh, fw) != (H, W):
+        if H % fh == 0 and W % fw == 0:
+            motion = F.interpolate(motion, size=(fh, fw), mode="area")
+        else:
+            motion = F.interpolate(motion, size=(fh, fw), mode="bilinear", align_corners=False, antialias=fh < H or fw < W)
+    motion = motion * torch.tensor([fh / H, fw / W]).view(1, 2, 1, 1)
+    return motion.permute(0, 2, 3, 1).contiguous().to(device=clip.device, dtype=clip.dtype)
