@@ -1,0 +1,545 @@
+"""Frame-mAP (the official STVR protocol) and video-mAP of linked tubes.
+
+Frame-mAP (:func:`frame_map`, API.md section 4) follows the official
+``compute_ap.py`` of fengyang0317/STVR:
+
+1. The label of a pair is its query's combined label; all pairs of one label are
+   pooled into one ranking and one ground-truth count.
+2. Every ground-truth box of a reference second counts once per clip of that
+   second (``clips_per_second`` times).
+3. In each clip, detections in descending score order each take the
+   ground-truth box of that second with the highest IoU (the first listed box
+   on ties; no fall-back to the next best box): true positive when that IoU is
+   ``>= iou_threshold`` and the box was not taken before in this clip (it is
+   then taken), else false positive. Without ground truth in the second every
+   detection is a false positive. IoU = inter / (area_a + area_b - inter) in
+   float64 (0 when the union is empty).
+4. AP of a label: VOC all-point AP of the pooled ranking (precision made
+   non-increasing from the right). Detections with equal scores form one step
+   (= false positives ranked first among ties), so the result never depends on
+   the order of ties. A label with ground truth and no detection has AP 0.
+5. Labels without any ground-truth box are left out of ``AP``, the mean and
+   ``num_labels``; ``mAP`` is NaN when no label is left.
+6. ``ValueError`` for: a detections list whose length differs from the pairs, a
+   pair with fewer clips than ``clips_per_second * len(gt)``, a box with
+   ``x1 > x2`` or ``y1 > y2`` (detections and ground truth), a non-finite score
+   (and non-finite box coordinates).
+
+Clips beyond ``clips_per_second * len(gt)`` in a pair's detections are ignored
+(not validated), as the official code only reads clips ``3 i + j`` of the
+reference's seconds.
+
+Implementation (vectorized): all detections are flattened into one
+``[N, 5]`` array; each detection's IoUs with its second's ground truth are
+computed in one ragged batch, giving its best IoU and (first) argmax box. The
+greedy per-clip matching is then resolved without a Python loop: with
+detections ordered by (clip, descending score), a detection is a true positive
+iff its best IoU is ``>= threshold`` and it is the *first* such detection of its
+clip with that argmax box. (If an earlier detection of the clip has the same
+argmax box and IoU >= threshold, that box was taken before - by it or by one
+before it; otherwise nobody took it, since only such detections take boxes.)
+The order of equal scores inside a clip does not change the number of true
+positives of the tie group, so the AP is independent of it.
+
+Video-mAP (:func:`video_map`): spatio-temporal tube IoU (:func:`stvr.tubes.tube_iou`)
+against ground-truth tubes linked from the per-second boxes
+(:func:`stvr.tubes.link_ground_truth`), greedy matching of each pair's tubes in
+descending tube score to the *unmatched* ground-truth tube of highest IoU, AP
+per label as above.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .tubes import Tube, _iou_broadcast, link_detections, link_ground_truth, tube_iou_matrix
+
+__all__ = [
+    "average_precision",
+    "frame_map",
+    "frame_map_multi",
+    "label_key",
+    "video_map",
+    "video_map_from_detections",
+]
+
+_CHUNK = 1 << 19  # detections per IoU batch (bounds temporary memory)
+
+
+# --------------------------------------------------------------------------- helpers
+def label_key(label: Any) -> str:
+    """Dictionary key of a combined label: sorted ids joined by ``+`` (``[80, 11, 74]`` -> ``"11+74+80"``).
+
+    A string is returned unchanged (already a key).
+    """
+    if isinstance(label, str):
+        return label
+    if isinstance(label, (int, np.integer)):
+        return str(int(label))
+    return "+".join(str(int(x)) for x in sorted(int(x) for x in label))
+
+
+def _key_order(key: str) -> tuple:
+    parts = key.split("+")
+    if all(p.lstrip("-").isdigit() for p in parts):
+        return (0, tuple(int(p) for p in parts))
+    return (1, key)
+
+
+def average_precision(scores: Any, tp: Any, num_gt: float) -> float:
+    """VOC all-point AP of a ranking with equal scores counted as one step.
+
+    Args:
+        scores: ``[n]`` detection scores (any order).
+        tp: ``[n]`` bool, True for true positives.
+        num_gt: number of ground-truth objects (NaN is returned when <= 0).
+
+    Precision and recall are taken after each group of equal scores (equivalent
+    to ranking false positives first among ties), precision is made
+    non-increasing from the right, and ``AP = sum (recall step) x precision``.
+    No detections and ``num_gt > 0`` gives 0.
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    tp = np.asarray(tp, dtype=bool).reshape(-1)
+    if num_gt <= 0:
+        return math.nan
+    if scores.size == 0:
+        return 0.0
+    order = np.argsort(-scores, kind="stable")
+    return _ap_sorted(scores[order], tp[order], float(num_gt))
+
+
+def _ap_sorted(scores_desc: np.ndarray, tp: np.ndarray, num_gt: float) -> float:
+    """AP of a ranking already sorted by descending score (see :func:`average_precision`)."""
+    n = scores_desc.shape[0]
+    if n == 0:
+        return 0.0
+    last = np.append(np.nonzero(scores_desc[1:] != scores_desc[:-1])[0], n - 1)  # ends of tie groups
+    ctp = np.cumsum(tp, dtype=np.int64)[last].astype(np.float64)
+    precision = ctp / (last + 1).astype(np.float64)
+    recall = ctp / num_gt
+    precision = np.maximum.accumulate(precision[::-1])[::-1]
+    steps = np.diff(recall, prepend=0.0)
+    return float(np.sum(steps * precision))
+
+
+def _result(label_keys: Sequence[str], num_gt: np.ndarray, aps: np.ndarray) -> dict:
+    """The public result dictionary; labels without ground truth left out."""
+    ap = {k: float(a) for k, n, a in zip(label_keys, num_gt, aps) if n > 0}
+    m = float(np.mean(list(ap.values()))) if ap else math.nan
+    return {"mAP": m, "AP": ap, "num_labels": len(ap)}
+
+
+# --------------------------------------------------------------------------- parsing
+@dataclass
+class _GroundTruth:
+    """Flattened ground truth of a list of pairs."""
+
+    label_keys: list[str]  # sorted unique label keys
+    pair_label: np.ndarray  # [P] index into label_keys
+    n_seconds: np.ndarray  # [P] len(gt)
+    sec_offset: np.ndarray  # [P] first global second of each pair
+    sec_gt_start: np.ndarray  # [S] first row in boxes of each second
+    sec_gt_count: np.ndarray  # [S] number of boxes of each second
+    boxes: np.ndarray  # [M, 4] float64
+
+    def seconds_of(self, i: int) -> list[np.ndarray]:
+        """Per-second ``[n_s, 4]`` boxes of pair ``i``."""
+        s0 = int(self.sec_offset[i])
+        return [
+            self.boxes[self.sec_gt_start[s] : self.sec_gt_start[s] + self.sec_gt_count[s]]
+            for s in range(s0, s0 + int(self.n_seconds[i]))
+        ]
+
+
+def _split_pair(pair: Any, i: int) -> tuple[dict, dict]:
+    """(query, reference) of a pair in object form or official ``[query, reference]`` form."""
+    try:
+        if isinstance(pair, dict):
+            return pair["query"], pair["reference"]
+        if isinstance(pair, (list, tuple)) and len(pair) == 2:
+            return pair[0], pair[1]
+    except KeyError as err:
+        raise ValueError(f"pair {i}: missing key {err}") from None
+    raise ValueError(f"pair {i}: expected {{'query', 'reference'}} or [query, reference], got {type(pair).__name__}")
+
+
+def _check_boxes(boxes: np.ndarray, what: str) -> None:
+    if not np.all(np.isfinite(boxes)):
+        raise ValueError(f"{what}: non-finite box coordinate")
+    bad = (boxes[:, 0] > boxes[:, 2]) | (boxes[:, 1] > boxes[:, 3])
+    if np.any(bad):
+        raise ValueError(f"{what}: box {boxes[np.argmax(bad)].tolist()} has x1 > x2 or y1 > y2")
+
+
+def _parse_pairs(pairs: Sequence[Any]) -> _GroundTruth:
+    keys: list[str] = []
+    n_seconds = np.zeros(len(pairs), dtype=np.int64)
+    counts: list[int] = []
+    blocks: list[np.ndarray] = []
+    for i, pair in enumerate(pairs):
+        query, ref = _split_pair(pair, i)
+        try:
+            keys.append(label_key(query["label"]))
+            gt = ref["gt"]
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"pair {i}: missing query label or reference gt ({err})") from None
+        n_seconds[i] = len(gt)
+        for s, sec in enumerate(gt):
+            b = np.asarray(sec, dtype=np.float64)
+            if b.size == 0:
+                counts.append(0)
+                continue
+            if b.ndim != 2 or b.shape[1] != 4:
+                raise ValueError(f"pair {i}, second {s}: ground-truth boxes must be [n, 4], got shape {b.shape}")
+            _check_boxes(b, f"pair {i}, second {s} ground truth")
+            counts.append(b.shape[0])
+            blocks.append(b)
+    label_keys = sorted(set(keys), key=_key_order)
+    index = {k: j for j, k in enumerate(label_keys)}
+    sec_gt_count = np.asarray(counts, dtype=np.int64)
+    return _GroundTruth(
+        label_keys=label_keys,
+        pair_label=np.array([index[k] for k in keys], dtype=np.int64),
+        n_seconds=n_seconds,
+        sec_offset=np.cumsum(n_seconds) - n_seconds,
+        sec_gt_start=np.cumsum(sec_gt_count) - sec_gt_count,
+        sec_gt_count=sec_gt_count,
+        boxes=np.concatenate(blocks) if blocks else np.zeros((0, 4)),
+    )
+
+
+def _as_array(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch.Tensor
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _flatten_detections(detections: Sequence[Any], n_clips: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate the first ``n_clips[i]`` clips of every pair -> ``([N, 5], [sum n_clips] counts)``."""
+    if len(detections) != len(n_clips):
+        raise ValueError(f"detections cover {len(detections)} pairs, the pair list has {len(n_clips)}")
+    blocks: list[np.ndarray] = []
+    counts: list[int] = []
+    for i, (pair_dets, need) in enumerate(zip(detections, n_clips.tolist())):
+        if pair_dets is None:
+            pair_dets = []
+        if hasattr(pair_dets, "detach") or (isinstance(pair_dets, np.ndarray) and pair_dets.ndim == 3):
+            arr = _as_array(pair_dets)
+            if arr.ndim == 3:  # dense [clips, K, 5]
+                if arr.shape[0] < need:
+                    raise ValueError(f"pair {i} has detections for {arr.shape[0]} clips, needs {need} "
+                                     "(clips_per_second * len(gt))")
+                if arr.shape[2] != 5:
+                    raise ValueError(f"pair {i}: detections must be [x1, y1, x2, y2, score], got shape {arr.shape}")
+                blocks.append(arr[:need].reshape(-1, 5))
+                counts.extend([arr.shape[1]] * need)
+                continue
+            pair_dets = list(arr)
+        if len(pair_dets) < need:
+            raise ValueError(f"pair {i} has detections for {len(pair_dets)} clips, needs {need} "
+                             "(clips_per_second * len(gt))")
+        for j in range(need):
+            clip = pair_dets[j]
+            if clip is None:
+                counts.append(0)
+                continue
+            try:
+                arr = _as_array(clip)
+            except ValueError as err:
+                raise ValueError(f"pair {i}, clip {j}: malformed detections ({err})") from None
+            if arr.size == 0:
+                counts.append(0)
+                continue
+            if arr.ndim != 2 or arr.shape[1] != 5:
+                raise ValueError(f"pair {i}, clip {j}: detections must be [K, 5] rows "
+                                 f"[x1, y1, x2, y2, score], got shape {arr.shape}")
+            blocks.append(arr)
+            counts.append(arr.shape[0])
+    dets = np.concatenate(blocks) if blocks else np.zeros((0, 5))
+    return dets, np.asarray(counts, dtype=np.int64)
+
+
+def _locate(row: int, counts: np.ndarray, n_clips: np.ndarray) -> str:
+    """``pair i, clip j`` of flattened detection row ``row`` (for error messages)."""
+    clip = int(np.searchsorted(np.cumsum(counts), row, side="right"))
+    clip_start = np.cumsum(n_clips) - n_clips
+    pair = int(np.searchsorted(clip_start, clip, side="right") - 1)
+    return f"pair {pair}, clip {clip - int(clip_start[pair])}"
+
+
+def _validate_detections(dets: np.ndarray, counts: np.ndarray, n_clips: np.ndarray) -> None:
+    if dets.shape[0] == 0:
+        return
+    bad = ~np.isfinite(dets[:, 4])
+    if np.any(bad):
+        r = int(np.argmax(bad))
+        raise ValueError(f"{_locate(r, counts, n_clips)}: non-finite score {dets[r, 4]}")
+    bad = ~np.all(np.isfinite(dets[:, :4]), axis=1)
+    if np.any(bad):
+        r = int(np.argmax(bad))
+        raise ValueError(f"{_locate(r, counts, n_clips)}: non-finite box coordinate {dets[r, :4].tolist()}")
+    bad = (dets[:, 0] > dets[:, 2]) | (dets[:, 1] > dets[:, 3])
+    if np.any(bad):
+        r = int(np.argmax(bad))
+        raise ValueError(f"{_locate(r, counts, n_clips)}: detection box {dets[r, :4].tolist()} "
+                         "has x1 > x2 or y1 > y2")
+
+
+# --------------------------------------------------------------------------- frame-mAP
+@dataclass
+class _Matching:
+    """Threshold-independent part of frame-mAP: every detection's best ground-truth box."""
+
+    label_keys: list[str]
+    num_gt: np.ndarray  # [L] ground-truth count per label (already x clips_per_second)
+    det_label: np.ndarray  # [N]
+    det_score: np.ndarray  # [N]
+    det_iou: np.ndarray  # [N] best IoU (-inf without ground truth)
+    det_key: np.ndarray  # [N] (argmax box, clip in second) id; -1 without ground truth
+    clip_order: np.ndarray  # [N] detections ordered by (clip, descending score, input order)
+
+
+def _match(pairs: Sequence[Any], detections: Sequence[Any], clips_per_second: int) -> _Matching:
+    cps = int(clips_per_second)
+    if cps < 1:
+        raise ValueError(f"clips_per_second must be >= 1, got {clips_per_second}")
+    if len(detections) != len(pairs):
+        raise ValueError(f"detections cover {len(detections)} pairs, the pair list has {len(pairs)}")
+    gt = _parse_pairs(pairs)
+    n_clips = gt.n_seconds * cps
+    dets, counts = _flatten_detections(detections, n_clips)
+    _validate_detections(dets, counts, n_clips)
+
+    # ground-truth count per label: every box once per clip of its second
+    pair_gt = np.add.reduceat(gt.sec_gt_count, gt.sec_offset) if gt.sec_gt_count.size else np.zeros(0, np.int64)
+    pair_gt = np.where(gt.n_seconds > 0, pair_gt if pair_gt.size else 0, 0)
+    num_gt = np.bincount(gt.pair_label, weights=pair_gt * cps, minlength=len(gt.label_keys))
+
+    # clip -> pair, second, clip-in-second
+    n_total_clips = int(n_clips.sum())
+    clip_pair = np.repeat(np.arange(len(pairs)), n_clips)
+    clip_local = np.arange(n_total_clips) - np.repeat(np.cumsum(n_clips) - n_clips, n_clips)
+    clip_sec = gt.sec_offset[clip_pair] + clip_local // cps
+    clip_in_sec = clip_local % cps
+
+    det_clip = np.repeat(np.arange(n_total_clips), counts)
+    n = dets.shape[0]
+    det_sec = clip_sec[det_clip]
+    det_ng = gt.sec_gt_count[det_sec] if n else np.zeros(0, np.int64)
+    det_gs = gt.sec_gt_start[det_sec] if n else np.zeros(0, np.int64)
+    det_iou = np.full(n, -np.inf)
+    det_g = np.full(n, -1, dtype=np.int64)
+
+    with_gt = np.nonzero(det_ng > 0)[0]
+    for c0 in range(0, with_gt.size, _CHUNK):
+        idx = with_gt[c0 : c0 + _CHUNK]
+        reps = det_ng[idx]
+        seg = np.cumsum(reps) - reps
+        rep = np.repeat(idx, reps)
+        local = np.arange(rep.size) - np.repeat(seg, reps)
+        g = det_gs[rep] + local
+        iou = _iou_broadcast(dets[rep, :4], gt.boxes[g])
+        best = np.maximum.reduceat(iou, seg)
+        is_best = iou == np.repeat(best, reps)
+        first = np.minimum.reduceat(np.where(is_best, local, np.iinfo(np.int64).max), seg)
+        det_iou[idx] = best
+        det_g[idx] = det_gs[idx] + first
+
+    det_key = np.where(det_g >= 0, det_g * cps + clip_in_sec[det_clip], -1)
+    scores = dets[:, 4].copy()
+    return _Matching(
+        label_keys=gt.label_keys,
+        num_gt=num_gt,
+        det_label=gt.pair_label[clip_pair[det_clip]] if n else np.zeros(0, np.int64),
+        det_score=scores,
+        det_iou=det_iou,
+        det_key=det_key,
+        clip_order=np.lexsort((-scores, det_clip)),
+    )
+
+
+def _true_positives(m: _Matching, iou_threshold: float) -> np.ndarray:
+    """``[N]`` bool: the greedy per-clip matching at ``iou_threshold`` (see module docstring)."""
+    tp = np.zeros(m.det_score.shape[0], dtype=bool)
+    cand = np.nonzero((m.det_iou >= iou_threshold)[m.clip_order])[0]  # positions in clip order
+    if cand.size:
+        _, first = np.unique(m.det_key[m.clip_order[cand]], return_index=True)
+        tp[m.clip_order[cand[first]]] = True
+    return tp
+
+
+def _per_label_ap(label_keys: Sequence[str], num_gt: np.ndarray, labels: np.ndarray,
+                  scores: np.ndarray, tp: np.ndarray) -> dict:
+    order = np.lexsort((-scores, labels))
+    labels_s, scores_s, tp_s = labels[order], scores[order], tp[order]
+    bounds = np.searchsorted(labels_s, np.arange(len(label_keys) + 1))
+    aps = np.full(len(label_keys), math.nan)
+    for k in range(len(label_keys)):
+        if num_gt[k] > 0:
+            a, b = bounds[k], bounds[k + 1]
+            aps[k] = _ap_sorted(scores_s[a:b], tp_s[a:b], float(num_gt[k]))
+    return _result(label_keys, num_gt, aps)
+
+
+def _check_threshold(th: float) -> float:
+    th = float(th)
+    if not math.isfinite(th):
+        raise ValueError(f"IoU threshold must be finite, got {th}")
+    return th
+
+
+def frame_map(pairs: Sequence[Any], detections: Sequence[Any], iou_threshold: float = 0.5,
+              clips_per_second: int = 3) -> dict:
+    """Frame-mAP of per-clip detections, the official STVR protocol (API.md section 4).
+
+    Args:
+        pairs: pairs as loaded from a pair file: ``{"query": {..., "label": [ids]},
+            "reference": {..., "gt": [[[x1, y1, x2, y2], ...] per second]}}``
+            (the official ``[query, reference]`` list form is accepted too).
+        detections: ``detections[i][j]`` = ``[K, 5]`` list / array / tensor of
+            ``[x1, y1, x2, y2, score]`` (query-match class) for clip ``j`` of pair
+            ``i``'s reference; clip ``j`` lies in second ``j // clips_per_second``.
+            A pair needs at least ``clips_per_second * len(gt)`` clips; extra
+            clips are ignored. A dense ``[clips, K, 5]`` array per pair is accepted.
+        iou_threshold: a detection is a true positive when its IoU >= this.
+        clips_per_second: clips per reference second (3 at 24 fps, 8 frames).
+
+    Returns:
+        ``{"mAP": float, "AP": {label_key: float}, "num_labels": int}``; labels
+        without ground truth are left out; ``mAP`` is NaN when none is left.
+
+    Raises:
+        ValueError: see the module docstring (rule 6).
+    """
+    th = _check_threshold(iou_threshold)
+    m = _match(pairs, detections, clips_per_second)
+    return _per_label_ap(m.label_keys, m.num_gt, m.det_label, m.det_score, _true_positives(m, th))
+
+
+def frame_map_multi(pairs: Sequence[Any], detections: Sequence[Any],
+                    iou_thresholds: Iterable[float] = (0.3, 0.5, 0.7), clips_per_second: int = 3) -> dict:
+    """:func:`frame_map` at several IoU thresholds (IoUs computed once) -> ``{threshold: result}``."""
+    ths = [_check_threshold(t) for t in iou_thresholds]
+    m = _match(pairs, detections, clips_per_second)
+    return {t: _per_label_ap(m.label_keys, m.num_gt, m.det_label, m.det_score, _true_positives(m, t))
+            for t in ths}
+
+
+# --------------------------------------------------------------------------- video-mAP
+def _as_tube(t: Any) -> Tube:
+    return t if isinstance(t, Tube) else Tube.from_dict(t)
+
+
+def _greedy_tube_match(iou: np.ndarray, th: float) -> np.ndarray:
+    """``iou [P, G]`` with rows in descending tube score -> ``[P]`` true positives.
+
+    Each tube takes the unmatched ground-truth tube of highest IoU (first on
+    ties); true positive when that IoU >= ``th`` (the ground-truth tube is then
+    matched).
+    """
+    n_pred, n_gt = iou.shape
+    tp = np.zeros(n_pred, dtype=bool)
+    if n_gt == 0 or n_pred == 0 or not np.any(iou >= th):
+        return tp
+    matched = np.zeros(n_gt, dtype=bool)
+    for p in range(n_pred):
+        row = np.where(matched, -np.inf, iou[p])
+        g = int(np.argmax(row))
+        if row[g] >= th:
+            tp[p] = True
+            matched[g] = True
+            if matched.all():
+                break
+    return tp
+
+
+def video_map(pairs: Sequence[Any], tubes: Sequence[Sequence[Any]],
+              iou_thresholds: Iterable[float] = (0.2, 0.5), clips_per_second: int = 3,
+              gt_link_iou: float = 0.2) -> dict:
+    """Video-mAP of predicted tubes -> ``{threshold: {"mAP", "AP", "num_labels"}}``.
+
+    Args:
+        pairs: as for :func:`frame_map`.
+        tubes: ``tubes[i]`` = list of :class:`stvr.tubes.Tube` (or their
+            ``to_dict()``) predicted for pair ``i``'s reference, clip indices
+            relative to the reference's first clip.
+        iou_thresholds: spatio-temporal IoU thresholds.
+        clips_per_second: clips per reference second.
+        gt_link_iou: IoU threshold linking ground-truth boxes of consecutive
+            seconds into ground-truth tubes (:func:`stvr.tubes.link_ground_truth`;
+            pair files carry no person identities).
+
+    Protocol: ST-IoU = temporal IoU x mean per-clip box IoU over the temporal
+    intersection (:func:`stvr.tubes.tube_iou`). Within a pair, tubes in
+    descending tube score (input order on ties) each take the unmatched
+    ground-truth tube of highest ST-IoU; true positive when it is
+    ``>= threshold``. Tubes are pooled per label (the query's label), AP as in
+    :func:`frame_map` with the number of ground-truth tubes; labels without
+    ground truth left out, mAP NaN when none is left.
+
+    Raises:
+        ValueError: ``len(tubes) != len(pairs)``, a non-finite tube score, and
+            the ground-truth errors of :func:`frame_map`.
+    """
+    ths = [_check_threshold(t) for t in iou_thresholds]
+    if len(tubes) != len(pairs):
+        raise ValueError(f"tubes cover {len(tubes)} pairs, the pair list has {len(pairs)}")
+    gt = _parse_pairs(pairs)
+    n_labels = len(gt.label_keys)
+    num_gt = np.zeros(n_labels, dtype=np.int64)
+    labels: list[np.ndarray] = []
+    scores: list[np.ndarray] = []
+    tps: dict[float, list[np.ndarray]] = {t: [] for t in ths}
+    for i in range(len(pairs)):
+        gt_tubes = link_ground_truth(gt.seconds_of(i), clips_per_second, gt_link_iou)
+        num_gt[gt.pair_label[i]] += len(gt_tubes)
+        preds = [_as_tube(t) for t in (tubes[i] or [])]
+        if not preds:
+            continue
+        s = np.array([t.score for t in preds], dtype=np.float64)
+        if not np.all(np.isfinite(s)):
+            raise ValueError(f"pair {i}: non-finite tube score")
+        order = np.argsort(-s, kind="stable")
+        iou = tube_iou_matrix([preds[k] for k in order], gt_tubes)
+        labels.append(np.full(len(preds), gt.pair_label[i], dtype=np.int64))
+        scores.append(s[order])
+        for t in ths:
+            tps[t].append(_greedy_tube_match(iou, t))
+    lab = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    sc = np.concatenate(scores) if scores else np.zeros(0)
+    return {t: _per_label_ap(gt.label_keys, num_gt, lab, sc,
+                             np.concatenate(tps[t]) if tps[t] else np.zeros(0, bool))
+            for t in ths}
+
+
+def video_map_from_detections(pairs: Sequence[Any], detections: Sequence[Any],
+                              iou_thresholds: Iterable[float] = (0.2, 0.5), clips_per_second: int = 3,
+                              gt_link_iou: float = 0.2, progress: bool = False, **link_kwargs: Any) -> dict:
+    """Link each pair's per-clip detections (:func:`stvr.tubes.link_detections`, ``link_kwargs``) and run :func:`video_map`.
+
+    Detections are validated exactly as in :func:`frame_map` (the same
+    ``ValueError`` cases); only the first ``clips_per_second * len(gt)`` clips
+    of each pair are linked.
+    """
+    cps = int(clips_per_second)
+    if len(detections) != len(pairs):
+        raise ValueError(f"detections cover {len(detections)} pairs, the pair list has {len(pairs)}")
+    gt = _parse_pairs(pairs)
+    n_clips = gt.n_seconds * cps
+    dets, counts = _flatten_detections(detections, n_clips)
+    _validate_detections(dets, counts, n_clips)
+    per_clip = np.split(dets, np.cumsum(counts)[:-1]) if counts.size else []
+    clip_start = np.cumsum(n_clips) - n_clips
+    iterator: Iterable[int] = range(len(pairs))
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc="linking", unit="pair")
+    tubes = [link_detections(per_clip[clip_start[i] : clip_start[i] + n_clips[i]], **link_kwargs)
+             for i in iterator]
+    return video_map(pairs, tubes, iou_thresholds, cps, gt_link_iou)
