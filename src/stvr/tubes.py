@@ -50,13 +50,11 @@ def _iou_broadcast(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of broadcastable ``[..., 4]`` float64 box arrays -> ``[...]`` (0 for empty unions)."""
     iw = np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0])
     ih = np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1])
-    inter = np.clip(iw, 0.0, None) * np.clip(ih, 0.0, None)
+    inter = np.maximum(iw, 0.0) * np.maximum(ih, 0.0)
     area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
     area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
     union = area_a + area_b - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
-    return iou
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 # --------------------------------------------------------------------------- Tube
@@ -111,7 +109,13 @@ class Tube:
 
     @property
     def score(self) -> float:
-        """Tube score: mean of the per-clip scores (gap clips count with score 0)."""
+        """Tube score: mean of the scores of the detected clips.
+
+        Clips bridged by interpolation (``detected`` False) carry no detection
+        and are left out; a tube without any detected clip uses all its scores.
+        """
+        if self.detected.any():
+            return float(self.scores[self.detected].mean())
         return float(self.scores.mean())
 
     def clip_indices(self) -> np.ndarray:
@@ -199,6 +203,11 @@ def tube_iou(a: Tube, b: Tube) -> float:
     ``temporal IoU x mean box IoU over the temporally shared clips``, where the
     temporal IoU is ``|shared clips| / |clips covered by either|``; equal to
     ``sum of box IoUs over shared clips / |union of clips|``. 0 without overlap.
+
+    A clip's box holds for all of its frames (a detection is made per 8-frame
+    clip, a ground-truth box per second), so this is exactly the per-frame
+    definition (temporal IoU of the frame spans x mean per-frame box IoU over
+    the shared frames) with every clip expanded to its frames.
     """
     return float(tube_iou_matrix([a], [b])[0, 0])
 
@@ -266,7 +275,7 @@ def _as_detections(dets: Any, clip: int) -> np.ndarray:
 class _Track:
     """Mutable state of a tube being linked."""
 
-    __slots__ = ("start", "boxes", "scores", "detected", "last_clip")
+    __slots__ = ("start", "boxes", "scores", "detected", "last_clip", "prev_box", "prev_clip")
 
     def __init__(self, clip: int, box: np.ndarray, score: float) -> None:
         self.start = clip
@@ -274,6 +283,8 @@ class _Track:
         self.scores = [score]
         self.detected = [True]
         self.last_clip = clip
+        self.prev_box: np.ndarray | None = None  # the detected box before the last one (velocity)
+        self.prev_clip = -1
 
     def extend(self, clip: int, box: np.ndarray, score: float) -> None:
         gap = clip - self.last_clip - 1
@@ -283,6 +294,7 @@ class _Track:
             self.boxes.append(last + frac * (box - last))
             self.scores.append(0.0)
             self.detected.append(False)
+        self.prev_box, self.prev_clip = last, self.last_clip
         self.boxes.append(box)
         self.scores.append(score)
         self.detected.append(True)
@@ -302,6 +314,7 @@ def link_detections(
     max_tubes: int | None = None,
     score_weight: float = 0.5,
     start_clip: int = 0,
+    motion: bool = True,
 ) -> list[Tube]:
     """Link per-clip detections online into tubes.
 
@@ -309,8 +322,12 @@ def link_detections(
         detections_per_clip: one entry per consecutive clip: ``[K, 5]`` array,
             tensor or list of ``[x1, y1, x2, y2, score]`` (normalized boxes);
             ``None`` or empty for a clip without detections.
-        iou_threshold: a detection can extend a tube only when its IoU with the
-            tube's last *detected* box is ``>= iou_threshold``.
+        iou_threshold: a detection can extend a tube only when its linking
+            IoU with the tube is ``>= iou_threshold``: the IoU with the tube's
+            last *detected* box or, with ``motion``, the larger of that and the
+            IoU with the box predicted at this clip by constant velocity from the
+            tube's last two detected boxes (so fast actors whose consecutive
+            boxes barely overlap stay linked).
         max_gap: a tube may skip up to ``max_gap`` clips without a matching
             detection; when it is extended after a gap, the boxes of the skipped
             clips are interpolated linearly between the two detected boxes and
@@ -325,6 +342,8 @@ def link_detections(
         score_weight: linking score of a (tube, detection) candidate is
             ``IoU + score_weight * detection score``.
         start_clip: index of the first clip, added to every tube's ``start_clip``.
+        motion: use the constant-velocity prediction in the linking IoU (see
+            ``iou_threshold``).
 
     Linking, per clip: the open tubes (those whose last detection is at most
     ``max_gap`` clips back) and the clip's detections form candidate pairs with
@@ -336,28 +355,47 @@ def link_detections(
     other detection's score is much higher.
 
     Returns:
-        tubes sorted by descending tube score (mean clip score), after
-        ``min_length`` filtering, tube NMS and ``max_tubes``.
+        tubes sorted by descending tube score (:attr:`Tube.score`, the mean
+        score of the detected clips), after ``min_length`` filtering, tube NMS
+        and ``max_tubes``. Their boxes are per clip; :meth:`Tube.frame_boxes`
+        interpolates them to every frame.
+
+    Raises:
+        ValueError: negative ``max_gap``, ``min_length < 1``, detections that
+            are not ``[K, 5]``, non-finite values, a box with ``x1 > x2`` or
+            ``y1 > y2``.
     """
     if max_gap < 0:
         raise ValueError(f"max_gap must be >= 0, got {max_gap}")
+    if min_length < 1:
+        raise ValueError(f"min_length must be >= 1, got {min_length}")
     open_tracks: list[_Track] = []
-    closed: list[_Track] = []
+    created: list[_Track] = []  # every track, in creation order (deterministic tie order)
     for t, raw in enumerate(detections_per_clip):
         dets = _as_detections(raw, t)
         if dets.shape[0]:
             if not np.all(np.isfinite(dets)):
                 raise ValueError(f"detections of clip {t} contain non-finite values")
+            bad = (dets[:, 0] > dets[:, 2]) | (dets[:, 1] > dets[:, 3])
+            if np.any(bad):
+                raise ValueError(f"detections of clip {t}: box {dets[np.argmax(bad), :4].tolist()} "
+                                 "has x1 > x2 or y1 > y2")
             dets = dets[dets[:, 4] >= score_threshold]
         # close tracks whose gap would exceed max_gap
-        still = []
-        for tr in open_tracks:
-            (still if t - tr.last_clip - 1 <= max_gap else closed).append(tr)
-        open_tracks = still
+        open_tracks = [tr for tr in open_tracks if t - tr.last_clip - 1 <= max_gap]
         matched_det = np.zeros(dets.shape[0], dtype=bool)
         if open_tracks and dets.shape[0]:
-            last = np.stack([tr.boxes[-1] for tr in open_tracks])  # always a detected box
-            iou = box_iou(last, dets[:, :4])  # [A, K]
+            last = np.array([tr.boxes[-1] for tr in open_tracks])  # [A, 4], always a detected box
+            if motion:  # IoU with the last box and with the constant-velocity prediction, the larger
+                prev = np.array([last[a] if tr.prev_box is None else tr.prev_box
+                                 for a, tr in enumerate(open_tracks)])
+                clips = np.array([(tr.last_clip, tr.prev_clip) for tr in open_tracks], dtype=np.float64)
+                step = np.maximum(clips[:, 0] - clips[:, 1], 1.0)
+                pred = last + (last - prev) * ((t - clips[:, 0]) / step)[:, None]
+                both = _iou_broadcast(np.concatenate([last, pred])[:, None, :], dets[None, :, :4])
+                iou = np.maximum(both[: len(open_tracks)], both[len(open_tracks) :])  # [A, K]
+            else:
+                iou = _iou_broadcast(last[:, None, :], dets[None, :, :4])  # [A, K]
             ti, di = np.nonzero(iou >= iou_threshold)
             if ti.size:
                 link = iou[ti, di] + score_weight * dets[di, 4]
@@ -374,9 +412,10 @@ def link_detections(
         new = np.nonzero(~matched_det)[0]
         if new.size:
             new = new[np.argsort(-dets[new, 4], kind="stable")]
-            open_tracks.extend(_Track(t, dets[k, :4].copy(), float(dets[k, 4])) for k in new)
-    closed.extend(open_tracks)
-    tubes = [tr.to_tube(start_clip) for tr in closed if tr.last_clip - tr.start + 1 >= min_length]
+            fresh = [_Track(t, dets[k, :4].copy(), float(dets[k, 4])) for k in new]
+            open_tracks.extend(fresh)
+            created.extend(fresh)
+    tubes = [tr.to_tube(start_clip) for tr in created if tr.last_clip - tr.start + 1 >= min_length]
     if tube_nms_iou is not None:
         tubes = tube_nms(tubes, tube_nms_iou)
     else:
@@ -394,12 +433,13 @@ def link_ground_truth(
 
     Pair files carry no person identities, so boxes of consecutive seconds are
     linked with :func:`link_detections` (every box scored 1, ``score_weight=0``,
-    i.e. greedy by IoU, ``iou_threshold`` as given, ``max_gap=0``,
-    ``min_length=1``, no NMS): a person absent for a second ends its tube. Each
+    i.e. greedy by linking IoU with constant-velocity prediction,
+    ``iou_threshold`` as given, ``max_gap=0``, ``min_length=1``, no NMS): a
+    person absent for a second ends its tube. Each
     second's box is then repeated for its ``clips_per_second`` clips, so tube
     clip ``j`` lies in second ``j // clips_per_second`` (clip 0 = first clip of
     the reference). Scores of the returned tubes are all 1. Ordered by
-    (start_clip, creation order).
+    (start_clip, order of the box in its first second).
     """
     per_second = []
     for s, boxes in enumerate(gt_per_second):
