@@ -1,0 +1,277 @@
+"""stvr.data.synthetic and ``stvr data synth``: determinism, the dataset-root layout,
+held-out labels, pairs, that the frames show the actors where the CSV says, that
+every atom is visible over time, caching, and the CLI (tiny 64 px roots)."""
+
+from __future__ import annotations
+
+import dataclasses
+import filecmp
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stvr.cli import main as cli_main
+from stvr.data import synthetic as SY
+from stvr.data import video as V
+from stvr.data.ava import link_tubelets, load_label_split, read_annotations
+from stvr.data.pairs import load_dataset_json, load_pairs, load_tubelets
+
+TINY = SY.SynthConfig(seed=3, num_train_videos=3, num_val_videos=3, seconds=6, size=64, speed=(12.0, 24.0),
+                      segment_seconds=(2, 3), num_val_labels=2, num_test_labels=2, heldout_probability=0.8,
+                      occlusion_probability=0.0)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> tuple[Path, dict]:
+    r = tmp_path_factory.mktemp("synth") / "root"
+    summary = SY.generate_dataset(r, TINY, progress=False, workers=1)
+    return r, summary
+
+
+def _saturation(img: np.ndarray) -> np.ndarray:
+    f = img.astype(np.float64)
+    mx, mn = f.max(axis=-1), f.min(axis=-1)
+    return (mx - mn) / np.maximum(mx, 1.0)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def test_root_layout_and_summary(root):
+    r, summary = root
+    for f in ("dataset.json", "annotations/train.csv", "annotations/val.csv", "label_split.json",
+              "train_tubelets.json", "pairs/val.json", "pairs/test.json", "stats.json"):
+        assert (r / f).is_file(), f
+    ds = load_dataset_json(r)
+    assert ds["fps"] == 24 and ds["name"] == "synthetic"
+    assert ds["train_videos"] == [f"synth_train_{i:03d}" for i in range(3)]
+    assert ds["val_videos"] == [f"synth_val_{i:03d}" for i in range(3)]
+    assert set(ds["videos"]) == set(ds["train_videos"]) | set(ds["val_videos"])
+    assert all(ds["time_ranges"][v] == [0, 6] for v in ds["videos"])
+    assert ds["synthetic"] == {"version": SY.GENERATOR_VERSION, "config": TINY.to_json(), "complete": True}
+    names = ds["label_names"]
+    assert all(v == "+".join(SY.ATOMS[int(a)] for a in k.split("+")) for k, v in names.items())
+    assert names["+".join(map(str, load_label_split(r / "label_split.json")["val"][0]))].count("+") >= 1
+    assert SY.is_complete(r, TINY)
+    # every video: 64x64, 24 fps, 6 s
+    for vid, rel in ds["videos"].items():
+        info = V.probe(r / rel)
+        assert (info.width, info.height, info.num_frames) == (64, 64, 144)
+        assert info.fps == pytest.approx(24.0) and info.duration == pytest.approx(6.0)
+    assert summary["generated"] and summary["videos"] == {"train": 3, "val": 3}
+    assert summary["seconds"] == {"train": 18, "val": 18}
+    assert summary["realtime_factor"] > 0
+
+
+def test_csv_tubelets_and_heldout_split(root):
+    r, summary = root
+    split = load_label_split(r / "label_split.json")
+    held = set(split["val"]) | set(split["test"])
+    assert len(split["val"]) == 2 and len(split["test"]) == 2 and not set(split["val"]) & set(split["test"])
+    assert all(len(lab) in (2, 3) for lab in held)
+    train_rows = read_annotations(r / "annotations" / "train.csv")
+    val_rows = read_annotations(r / "annotations" / "val.csv")
+    # one row per (video, second, actor, atom): rebuild from the plan
+    scripts, plan_split = SY.plan_dataset(TINY)
+    assert plan_split == split
+    expected = sum(len(a.labels[s]) for sc in scripts if sc.split == "train" for a in sc.actors
+                   for s in range(sc.seconds))
+    assert len(train_rows) == expected
+    # every actor is annotated at every second with 1-3 atoms in 1..8
+    per = {}
+    for row in train_rows + val_rows:
+        per.setdefault((row.video_id, row.second, row.person_id), set()).add(row.action_id)
+    n_actor_seconds = sum(len(sc.actors) * sc.seconds for sc in scripts)
+    assert len(per) == n_actor_seconds
+    assert all(1 <= len(a) <= 3 and a <= set(SY.ATOMS) for a in per.values())
+    # held-out labels never in training videos, but shown in validation videos
+    train_tubes = link_tubelets(train_rows)
+    assert train_tubes and not {t.label for t in train_tubes} & held
+    val_labels = {t.label for t in link_tubelets(val_rows)}
+    assert held <= val_labels
+    # the reorganized training tubelets = all training tubelets (nothing to cut)
+    assert load_tubelets(r / "train_tubelets.json") == train_tubes
+
+
+def test_pairs_exist_for_val_and_test(root):
+    r, summary = root
+    split = load_label_split(r / "label_split.json")
+    for name in ("val", "test"):
+        pairs = load_pairs(r / "pairs" / f"{name}.json")
+        labels = {tuple(p["query"]["label"]) for p in pairs}
+        assert labels == set(split[name])  # every held-out label has pairs
+        assert len(pairs) >= 2 * len(split[name])
+        for p in pairs:
+            ref = p["reference"]
+            assert 0 <= ref["start"] < ref["end"] <= 6
+            assert any(len(g) for g in ref["gt"])  # the reference tubelet is in its span
+    assert summary["pairs"]["val"] > 0 and summary["pairs"]["test"] > 0
+    assert summary["labels"]["val_with_pairs"] == 2 and summary["labels"]["test_with_pairs"] == 2
+
+
+# ----------------------------------------------------------------------------- frames
+
+
+def test_frames_show_actors_at_their_boxes(root):
+    r, _ = root
+    scripts, _ = SY.plan_dataset(TINY)
+    rows = read_annotations(r / "annotations" / "train.csv") + read_annotations(r / "annotations" / "val.csv")
+    boxes = {(row.video_id, row.second, row.person_id): row.box for row in rows}
+    margins, n = [], 0
+    for sc in scripts:
+        frames = V.read_frames(r / "videos" / f"{sc.video_id}.mp4")
+        np.testing.assert_allclose(  # what was rendered is what is decoded (lossy codec)
+            np.abs(frames[::24].astype(float) - np.concatenate(
+                [SY.render_frames(sc, s)[:1] for s in range(sc.seconds)]).astype(float)).mean(), 0, atol=12)
+        for s in range(sc.seconds):
+            img = frames[s * 24 + 12]  # the middle of the second, where the box holds
+            sat = _saturation(img)
+            outside = np.ones(sat.shape, bool)
+            cores = []
+            for a in sc.actors:
+                x1, y1, x2, y2 = (np.array(boxes[(sc.video_id, s, a.person_id)]) * 64).round().astype(int)
+                outside[max(y1 - 2, 0): y2 + 2, max(x1 - 2, 0): x2 + 2] = False
+                cx, cy, hw, hh = (x1 + x2) // 2, (y1 + y2) // 2, max((x2 - x1) // 4, 1), max((y2 - y1) // 4, 1)
+                cores.append(sat[cy - hh: cy + hh, cx - hw: cx + hw].mean())
+            bg = sat[outside].mean()
+            margins += [c - bg for c in cores]
+            n += len(cores)
+    margins = np.array(margins)
+    assert n > 50
+    assert np.median(margins) > 0.4  # saturated textured actors on a muted background
+    assert (margins > 0.15).mean() > 0.95
+
+
+def test_every_atom_is_visible_over_time():
+    cfg = dataclasses.replace(TINY, num_train_videos=1, num_val_videos=1, speed=(0.0, 0.0), camera_pan=False,
+                              actors=(1, 1), actor_size=(0.4, 0.4))
+    scripts, _ = SY.plan_dataset(cfg)
+    sc = scripts[0]
+    actor = sc.actors[0]
+    seqs = {}
+    for atom in SY.ATOMS:
+        actor.labels = [(atom,)] * sc.seconds
+        f = SY.render_frames(sc, 2).astype(np.int64)  # a still actor on a still background
+        change = np.abs(np.diff(f, axis=0)).sum(axis=-1)  # [23, S, S]
+        assert (change > 30).mean(axis=(1, 2)).max() > 0.01, SY.ATOMS[atom]  # visible motion/flicker
+        seqs[atom] = f
+    # every atom gives a different sequence, and no two are confused on any frame pair
+    for a in SY.ATOMS:
+        for b in SY.ATOMS:
+            if a < b:
+                assert np.abs(seqs[a] - seqs[b]).mean() > 1.0, (SY.ATOMS[a], SY.ATOMS[b])
+    # at integer seconds the oscillating atoms are at rest: first frames of a second agree
+    firsts = {a: seqs[a][0] for a in (2, 3, 4, 7, 8)}
+    for a, f0 in firsts.items():
+        assert np.abs(f0 - firsts[2]).mean() < 0.5, SY.ATOMS[a]
+
+
+def test_occluder_and_pan_are_rendered():
+    cfg = dataclasses.replace(TINY, occlusion_probability=1.0, num_train_videos=1, num_val_videos=1)
+    scripts, _ = SY.plan_dataset(cfg)
+    sc = scripts[0]
+    occ = sc.occluder
+    assert occ is not None
+    t = np.arange(sc.seconds * 24) / 24
+    xs = np.floor(np.mod(occ["x0"] + occ["v"] * t, occ["period"])).astype(int) - occ["width"]
+    k = int(np.nonzero((xs >= 0) & (xs + occ["width"] <= sc.size))[0][0])  # fully visible
+    f = SY.render_frames(sc, k // 24)[k % 24]
+    np.testing.assert_array_equal(f[:, xs[k]: xs[k] + occ["width"]], occ["texture"])
+    assert np.linalg.norm(sc.pan) >= cfg.pan_speed[0]
+
+
+# ----------------------------------------------------------------------------- determinism, caching
+
+
+def test_deterministic_and_independent_of_workers(root, tmp_path):
+    r, _ = root
+    other = tmp_path / "again"
+    SY.generate_dataset(other, TINY, progress=False, workers=2)  # worker processes
+    for rel in ("annotations/train.csv", "annotations/val.csv", "label_split.json", "dataset.json",
+                "train_tubelets.json", "pairs/val.json", "pairs/test.json"):
+        assert filecmp.cmp(r / rel, other / rel, shallow=False), rel
+    for vid in ("synth_train_001", "synth_val_002"):
+        np.testing.assert_array_equal(V.read_frames(r / "videos" / f"{vid}.mp4"),
+                                      V.read_frames(other / "videos" / f"{vid}.mp4"))
+    # another seed gives other data
+    s2 = SY.plan_dataset(dataclasses.replace(TINY, seed=4))[0]
+    s1 = SY.plan_dataset(TINY)[0]
+    assert s1[0].rows() != s2[0].rows()
+
+
+def test_caching_and_regeneration(tmp_path):
+    cfg = dataclasses.replace(TINY, num_train_videos=1, num_val_videos=1, seconds=4)
+    r = tmp_path / "root"
+    first = SY.generate_dataset(r, cfg, progress=False, workers=1)
+    assert first["generated"]
+    stamp = (r / "videos" / "synth_train_000.mp4").stat().st_mtime_ns
+    again = SY.generate_dataset(r, cfg, progress=False, workers=1)
+    assert not again["generated"] and again["videos"] == first["videos"] and again["pairs"] == first["pairs"]
+    assert (r / "videos" / "synth_train_000.mp4").stat().st_mtime_ns == stamp
+    (r / "cache").mkdir()
+    (r / "cache" / "stale").write_text("x")
+    changed = dataclasses.replace(cfg, seconds=5)
+    assert not SY.is_complete(r, changed)
+    third = SY.generate_dataset(r, changed, progress=False, workers=1)
+    assert third["generated"] and third["seconds"]["train"] == 5
+    assert not (r / "cache").exists()  # the clip cache of the old videos is gone
+    # an incomplete root (interrupted run) is regenerated
+    (r / "pairs" / "test.json").unlink()
+    assert not SY.is_complete(r, changed)
+    assert SY.generate_dataset(r, changed, progress=False, workers=1)["generated"]
+    # a non-synthetic root is never overwritten without force
+    ava = tmp_path / "ava"
+    ava.mkdir()
+    (ava / "dataset.json").write_text(json.dumps({"name": "ava"}))
+    with pytest.raises(ValueError, match="not a synthetic data set"):
+        SY.generate_dataset(ava, cfg, progress=False, workers=1)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="size"):
+        SY.SynthConfig(size=33).validate()
+    with pytest.raises(ValueError, match="fps"):
+        SY.SynthConfig(fps=25).validate()
+    with pytest.raises(ValueError, match="actors"):
+        SY.SynthConfig(actors=(3, 2)).validate()
+    with pytest.raises(ValueError, match="num_val_labels"):
+        SY.SynthConfig(num_val_labels=0).validate()
+    assert SY.SynthConfig.from_json(SY.SynthConfig().to_json()) == SY.SynthConfig()
+
+
+# ----------------------------------------------------------------------------- pipeline + CLI
+
+
+def test_root_feeds_the_datasets(root, tmp_path):
+    from stvr.data.dataset import EvalPairDataset, TrainPairDataset, collate_pairs
+
+    r, _ = root
+    cache = V.ClipCache(tmp_path / "cache", size=64)
+    train = TrainPairDataset(r, image_size=64, cache=cache)
+    item = train[0]
+    assert item.query_clips.shape[1:] == (3, 8, 64, 64) and item.reference_clips.shape[1:] == (3, 8, 64, 64)
+    ev = EvalPairDataset(r, split="test", image_size=64, cache=cache)
+    batch = collate_pairs([ev[0], ev[1]])
+    assert batch is not None and batch.reference_clips.shape[2:] == (3, 8, 64, 64)
+    assert train.num_failures == 0 and ev.num_failures == 0
+
+
+def test_cli_synth(tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["data", "synth", "--out", str(out), "--num-train-videos", "1", "--num-val-videos", "2",
+            "--seconds", "4", "--size", "64", "--speed", "12", "24", "--val-labels", "1", "--test-labels", "1",
+            "--heldout-probability", "0.9", "--quiet", "--workers", "1"]
+    assert cli_main(args) == 0
+    text = capsys.readouterr().out
+    assert "generated" in text and "train 1 (4 s), val 2 (8 s), 64x64 at 24 fps" in text
+    assert "x real time" in text
+    ds = load_dataset_json(out)
+    assert ds["synthetic"]["config"]["seconds"] == 4 and ds["synthetic"]["config"]["size"] == 64
+    assert cli_main(args + ["--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["generated"] is False and summary["videos"] == {"train": 1, "val": 2}
+    assert cli_main(["data", "stats", str(out)]) == 0
+    assert cli_main(["data", "synth", "--out", str(out), "--size", "33", "--quiet"]) == 2
+    assert "size" in capsys.readouterr().err
