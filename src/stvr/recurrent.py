@@ -80,27 +80,32 @@ def control_point_grid(height: int, width: int, grid: int = 3, device=None, dtyp
     return pts.to(device=device, dtype=dtype or torch.get_default_dtype())
 
 
-def _gather_points(feat: Tensor, points: Tensor) -> Tensor:
-    """Bilinear samples of ``feat`` ``[B, C, H, W]`` at ``points`` ``[N, 2]`` (row, col,
-    clamped to the map) -> ``[B, C, N]``. Exact copies at integer positions."""
-    B, C, H, W = feat.shape
-    y = points[:, 0].clamp(0, H - 1)
-    x = points[:, 1].clamp(0, W - 1)
-    y0 = y.floor()
-    x0 = x.floor()
-    wy = (y - y0).to(feat.dtype)
-    wx = (x - x0).to(feat.dtype)
-    y0 = y0.long()
-    x0 = x0.long()
-    y1 = (y0 + 1).clamp(max=H - 1)
-    x1 = (x0 + 1).clamp(max=W - 1)
-    flat = feat.flatten(2)
-    if not bool((wy != 0).any() or (wx != 0).any()):  # integer control points: plain gather
-        return flat[:, :, y0 * W + x0]
-    idx = torch.cat([y0 * W + x0, y0 * W + x1, y1 * W + x0, y1 * W + x1])
+def _point_taps(points: Tensor, height: int, width: int) -> tuple[Tensor, Tensor | None]:
+    """Bilinear taps of ``points`` ``[N, 2]`` (row, col; clamped to the map) on a
+    flattened ``H x W`` map: indices ``[N]`` and no weights when every point is on a
+    pixel, else indices ``[4 * N]`` (tap-major) and weights ``[4 * N]``."""
+    y = points[:, 0].double().clamp(0, height - 1)
+    x = points[:, 1].double().clamp(0, width - 1)
+    y0, x0 = y.floor(), x.floor()
+    wy, wx = y - y0, x - x0
+    y0, x0 = y0.long(), x0.long()
+    if not bool((wy != 0).any() or (wx != 0).any()):
+        return y0 * width + x0, None
+    y1 = (y0 + 1).clamp(max=height - 1)
+    x1 = (x0 + 1).clamp(max=width - 1)
+    idx = torch.cat([y0 * width + x0, y0 * width + x1, y1 * width + x0, y1 * width + x1])
     w = torch.cat([(1 - wy) * (1 - wx), (1 - wy) * wx, wy * (1 - wx), wy * wx])
-    n = points.shape[0]
-    return (flat[:, :, idx] * w).view(B, C, 4, n).sum(2)
+    return idx, w
+
+
+def _sample_points(feat: Tensor, idx: Tensor, weights: Tensor | None) -> Tensor:
+    """``feat`` ``[B, C, H, W]`` sampled at the taps of :func:`_point_taps` -> ``[B, C, N]``
+    (exact copies at integer positions)."""
+    taps = feat.flatten(2).index_select(2, idx)
+    if weights is None:
+        return taps
+    B, C, _ = taps.shape
+    return (taps.view(B, C, 4, -1) * weights.to(feat.dtype).view(4, -1)).sum(2)
 
 
 def _warp_module():
@@ -259,7 +264,8 @@ class WarpLSTMCell(ConvLSTMCell):
       1x1 scale times a pointwise 1x1 (the same function class).
     - ``offset_init="zero"`` (default) starts the predictor at zero weight and bias, so
       an untrained warp cell computes exactly a ConvLSTM; ``"glorot"`` is the official
-      Glorot-uniform init (non-zero initial offsets).
+      Glorot-uniform init (non-zero initial offsets). Training from zero works because
+      ``stvr.warp`` passes the one-sided bilinear derivative at zero flow (TF's is 0).
     - Warp: ``stvr.warp`` sparse image warp of h and c together (one spline fit, one
       bilinear resampling, border-clamped), ``order`` (2 = r^2 log r, 1 = r),
       ``num_boundary_points`` k -> 4k zero-flow points on the border (official 4),
@@ -304,23 +310,29 @@ class WarpLSTMCell(ConvLSTMCell):
             nn.init.xavier_uniform_(self.offset.weight)
         nn.init.zeros_(self.offset.bias)
         self.register_buffer("control_points", torch.zeros(0, 2), persistent=False)
+        self._cp_key: tuple | None = None
+        self._cp_taps: tuple[Tensor, Tensor | None] = (torch.zeros(0, dtype=torch.long), None)
         self.last_offsets: Tensor | None = None
         self.last_dense_flow: Tensor | None = None
 
-    def _control_points(self, H: int, W: int, x: Tensor) -> Tensor:
-        pts = self.control_points
-        if pts.shape[0] != self.grid**2 or getattr(self, "_cp_size", None) != (H, W) or pts.device != x.device:
+    def _control_points(self, H: int, W: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Control points ``[N, 2]`` of an ``H x W`` map and their sampling taps (cached per size/device)."""
+        key = (H, W, x.device)
+        if self._cp_key != key or self.control_points.shape[0] != self.grid**2:
             pts = control_point_grid(H, W, self.grid, device=x.device, dtype=torch.float32)
+            idx, w = _point_taps(pts, H, W)
             self.control_points = pts
-            self._cp_size = (H, W)
-        return pts
+            self._cp_taps = (idx.to(x.device), None if w is None else w.to(x.device))
+            self._cp_key = key
+        return (self.control_points,) + self._cp_taps
 
     def predict_offsets(self, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         """Control points ``[N, 2]`` and displacements ``[B, N, 2]`` (dy, dx, cells)
-        predicted from ``x`` and the unwarped ``h``."""
+        predicted from ``x`` and the unwarped ``h``: the 1x1 conv evaluated at the
+        control points only."""
         H, W = x.shape[-2:]
-        pts = self._control_points(H, W, x)
-        feats = torch.cat([_gather_points(x, pts), _gather_points(h, pts)], dim=1)  # [B, C_in+hid, N]
+        pts, idx, w = self._control_points(H, W, x)
+        feats = torch.cat([_sample_points(x, idx, w), _sample_points(h, idx, w)], dim=1)  # [B, C_in+hid, N]
         return pts, self.offset(feats.transpose(1, 2))
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
@@ -436,8 +448,8 @@ class FlowLSTMCell(ConvLSTMCell):
     Call: ``cell(x, state, flow=[B, H, W, 2])``; ``flow`` in feature cells, channel
     0 = dy, 1 = dx, the motion from the previous clip to the current one at each
     position of the current map (e.g. from :func:`clip_flow`). The state is warped
-    with ``stvr.warp.dense_image_warp`` (output p samples the old state at
-    ``p - flow(p)``, bilinear, border-clamped). A missing flow is an error unless
+    with ``stvr.warp.dense_warp_states`` (h and c in one pass; output p samples the
+    old state at ``p - flow(p)``, bilinear, border-clamped, = ``dense_image_warp``). A missing flow is an error unless
     ``state`` is None (the zero state needs no warp).
     """
 
@@ -451,10 +463,8 @@ class FlowLSTMCell(ConvLSTMCell):
             B, _, H, W = x.shape
             if flow.dim() != 4 or tuple(flow.shape) != (B, H, W, 2):
                 raise ValueError(f"FlowLSTMCell: flow must be [{B}, {H}, {W}, 2], got {tuple(flow.shape)}")
-            # h and c in one channels-last buffer: one resampling pass for both
-            hc = torch.cat([h.permute(0, 2, 3, 1), c.permute(0, 2, 3, 1)], dim=-1).permute(0, 3, 1, 2)
-            hc = _warp_module().dense_image_warp(hc, flow.to(x.dtype))
-            h, c = hc.split(self.hidden_channels, dim=1)
+            # h and c share one packed table: one resampling pass for both
+            h, c = _warp_module().dense_warp_states((h, c), flow.to(x.dtype))
         out, c = self.update(x, h, c)
         return out, (out, c)
 
@@ -480,7 +490,8 @@ def build_cell(kind: str, in_channels: int, hidden_channels: int, **options: Any
     if kind not in CELL_CLASSES:
         raise ValueError(f"unknown cell kind {kind!r}; choose one of {sorted(CELL_CLASSES)}")
     cls = CELL_CLASSES[kind]
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "in_channels", "hidden_channels")]
+    fixed = ("self", "in_channels", "hidden_channels")
+    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in fixed]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for cell kind {kind!r}; allowed: {allowed}")
@@ -553,7 +564,8 @@ def clip_flow(
     B, _, T, H, W = clip.shape
     if previous_clip is None:
         return clip.new_zeros(B, fh, fw, 2)
-    if previous_clip.dim() != 5 or previous_clip.shape[:2] != clip.shape[:2] or previous_clip.shape[-2:] != clip.shape[-2:]:
+    prev_ok = previous_clip.dim() == 5 and previous_clip.shape[:2] == clip.shape[:2]
+    if not prev_ok or previous_clip.shape[-2:] != clip.shape[-2:]:
         raise ValueError(
             f"previous_clip must be [{B}, 3, T', {H}, {W}] like clip, got {tuple(previous_clip.shape)}"
         )
@@ -584,6 +596,8 @@ def clip_flow(
         if H % fh == 0 and W % fw == 0:
             motion = F.interpolate(motion, size=(fh, fw), mode="area")
         else:
-            motion = F.interpolate(motion, size=(fh, fw), mode="bilinear", align_corners=False, antialias=fh < H or fw < W)
+            motion = F.interpolate(
+                motion, size=(fh, fw), mode="bilinear", align_corners=False, antialias=fh < H or fw < W
+            )
     motion = motion * torch.tensor([fh / H, fw / W]).view(1, 2, 1, 1)
     return motion.permute(0, 2, 3, 1).contiguous().to(device=clip.device, dtype=clip.dtype)
