@@ -6,41 +6,60 @@ import argparse
 from pathlib import Path
 
 
+def resolve_device(name: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when available else ``"cpu"``; anything else unchanged."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="detections for every pair of a pair file",
-                       description="Writes a detections JSON (API.md section 4) for the pairs "
-                       "of <data>/pairs/<split>.json or of --pairs.")
+                       description="Writes a detections JSON (API.md section 4: per pair, per "
+                       "reference clip, [x1, y1, x2, y2, score] rows) for the pairs of "
+                       "<data>/pairs/<split>.json or of --pairs.")
     p.add_argument("--checkpoint", required=True,
                    help="run folder (best, else last checkpoint) or a .safetensors file")
-    p.add_argument("--data", required=True, help="dataset root (videos, cache)")
+    p.add_argument("--data", required=True, help="dataset root (dataset.json, videos, cache)")
     p.add_argument("--split", default="test", help="pair split of the root (default: test)")
     p.add_argument("--pairs", help="a pair file to use instead of <data>/pairs/<split>.json")
     p.add_argument("--out", required=True, help="output detections JSON")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=1, help="pairs per forward pass (default 1)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..data.dataset import EvalPairDataset
     from ..data.video import ClipCache
     from ..predict import predict_pairs, save_detections
     from ..train import load_checkpoint
 
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
-        "cpu" if args.device == "auto" else args.device)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = resolve_device(args.device)
     model, cfg, state = load_checkpoint(args.checkpoint, device=device)
     root = Path(args.data)
+    if not (root / "dataset.json").is_file():
+        raise FileNotFoundError(f"{root / 'dataset.json'} does not exist: --data must be a dataset root")
     cache = ClipCache(root / "cache", size=cfg.model.image_size, fps=cfg.data.fps)
     source = Path(args.pairs) if args.pairs else root
+    if args.pairs and not source.is_file():
+        raise FileNotFoundError(f"pair file {source} does not exist")
     dataset = EvalPairDataset(source, split=args.split, image_size=cfg.model.image_size,
-                              cache=cache)
-    dets = predict_pairs(model, dataset, device=device, batch_size=args.batch_size)
+                              cache=cache, clip_frames=cfg.model.clip_frames)
+    failed: list[int] = []
+    dets = predict_pairs(model, dataset, device=device, batch_size=args.batch_size,
+                         num_workers=args.num_workers, progress=not args.quiet, failed=failed)
     save_detections(dets, args.out)
     n_clips = sum(len(p) for p in dets)
     n_dets = sum(len(c) for p in dets for c in p)
     print(f"wrote {args.out}: {len(dets)} pairs, {n_clips} clips, {n_dets} detections "
           f"(checkpoint step {state.get('step')})")
+    if failed:
+        print(f"warning: {len(failed)} pair(s) could not be loaded (no detections): {failed[:20]}")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from ..config import apply_overrides, preset
 
@@ -23,25 +24,37 @@ def config_from_args(args: argparse.Namespace):
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the matching network",
-                       description="Train on a dataset root written by `stvr data ...`. "
-                       "Run under `torchrun --nproc_per_node N` for several GPUs.")
+                       description="Train on a dataset root written by `stvr data ...`; resumes "
+                       "from <out>/last.* when present. Run under `torchrun --nproc_per_node N` "
+                       "for several GPUs (or CPU processes, gloo backend).")
     add_config_arguments(p)
     p.add_argument("--data", help="dataset root (default: the preset's data.root)")
     p.add_argument("--out", required=True, help="run folder for checkpoints and logs")
     p.add_argument("--steps", type=int, help="total optimizer steps (default: train.max_steps)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing last checkpoint")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: train.device)")
+    p.add_argument("--procs", type=int, default=1,
+                   help="local DDP processes started from this command (gloo on CPU, NCCL on "
+                        "GPUs; train.batch_size is per process), an alternative to torchrun "
+                        "(default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process with --procs > 1")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import train
+    from ..train import spawn_train, train
 
     cfg = config_from_args(args)
     if args.data:
         cfg.data.root = args.data
     if args.device:
         cfg.train.device = args.device
-    summary = train(cfg, args.out, resume=not args.no_resume, max_steps=args.steps)
-    print(json.dumps(summary, indent=2))
+    kwargs = dict(resume=not args.no_resume, max_steps=args.steps, progress=not args.quiet)
+    if args.procs > 1:
+        summary = spawn_train(cfg, args.out, args.procs, threads=args.threads, **kwargs)
+    else:
+        summary = train(cfg, args.out, **kwargs)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2))
     return 0

@@ -1,0 +1,83 @@
+"""`stvr demo` and `stvr bench table1` end to end on a tiny synthetic data set
+(generation -> training -> prediction -> evaluation -> tables/figures), plus the
+aggregation of Table 1."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from stvr.cli import main
+from stvr.commands import bench
+
+SYNTH = ["num_train_videos=2", "num_val_videos=2", "seconds=5", "size=96", "num_val_labels=1",
+         "num_test_labels=1", "heldout_probability=1.0"]
+MODEL = ["model.image_size=96", "train.batch_size=2", "train.log_every=1", "train.device=cpu"]
+
+
+def _flags(name: str, values: list[str]) -> list[str]:
+    return [a for v in values for a in (name, v)]
+
+
+def test_demo_end_to_end_and_rerun_reuses_the_run(tmp_path, capsys):
+    data, out = tmp_path / "synth", tmp_path / "demo"
+    argv = ["demo", "--data", str(data), "--out", str(out), "--steps", "2", "--quiet", "--device", "cpu",
+            "--procs", "1",
+            *_flags("--synth", SYNTH), *_flags("--set", [*MODEL, "train.eval_every=2"])]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| warp LSTM, trained |" in printed and "| untrained (random init) |" in printed
+    res = json.loads((out / "results.json").read_text())
+    assert res["steps"] == 2 and res["train"]["step"] == 2 and res["trained"]["checkpoint_step"] == 2
+    assert res["config"]["model"]["cell"] == "warp" and res["config"]["preset"] == "cpu"
+    pairs = json.loads((data / "pairs" / "test.json").read_text())
+    for key in ("trained", "untrained"):
+        r = res[key]
+        assert r["num_pairs"] == len(pairs) > 0 and r["failed_pairs"] == []
+        assert set(r["frame_mAP"]) == {"0.3", "0.5", "0.7"} and set(r["video_mAP"]) == {"0.2", "0.5"}
+        assert all(0.0 <= v <= 1.0 for v in [*r["frame_mAP"].values(), *r["video_mAP"].values()])
+    dets = json.loads((out / "test_detections.json").read_text())
+    assert [len(d) for d in dets] == [3 * (p["reference"]["end"] - p["reference"]["start"]) for p in pairs]
+    assert set(res["figures"]) == {"training_curves", "label_distribution", "results", "warp_grid"}
+    for path in res["figures"].values():
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert (out / "best.safetensors").exists() and (out / "val_log.csv").exists()
+    # a second run reuses the data set and the finished training run
+    mtime = (out / "last.safetensors").stat().st_mtime_ns
+    assert main(argv + ["--no-figures"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert (out / "last.safetensors").stat().st_mtime_ns == mtime
+    assert again["trained"]["frame_mAP"] == res["trained"]["frame_mAP"]
+    assert again["data"]["summary"]["generated"] is False
+
+
+def test_bench_table1_writes_tables_and_skips_finished_runs(tmp_path, capsys):
+    argv = ["bench", "table1", "--data", str(tmp_path / "synth"), "--runs", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "results"), "--steps", "1", "--seeds", "0", "--methods", "clip", "warp",
+            "--quiet", "--device", "cpu", "--no-video-map", *_flags("--synth", SYNTH), *_flags("--set", MODEL)]
+    assert main(argv + ["--jobs", "2"]) == 0         # two runs in parallel processes
+    md = (tmp_path / "results" / "table1.md").read_text()
+    assert "| Clip |" in md and "| Warp LSTM |" in md and "ConvLSTM" not in md
+    table = json.loads((tmp_path / "results" / "table1.json").read_text())
+    assert set(table["methods"]) == {"clip", "warp"} and table["meta"]["missing"] == []
+    run = json.loads((tmp_path / "runs" / "warp-seed0" / "results.json").read_text())
+    assert run["cell"] == "warp" and run["steps"] == 1 and run["config"]["train"]["eval_every"] == 0
+    assert table["methods"]["warp"]["frame_mAP@0.5"]["per_seed"] == [run["frame_mAP"]["0.5"]]
+    # restart (one job): both runs are skipped, their results stay byte-identical
+    before = (tmp_path / "runs" / "clip-seed0" / "results.json").read_bytes()
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert (tmp_path / "runs" / "clip-seed0" / "results.json").read_bytes() == before
+
+
+def test_aggregate_mean_and_sample_std():
+    runs = {"warp": [{"seed": s, "frame_mAP": {"0.3": v, "0.5": v, "0.7": None}} for s, v in
+                     ((0, 0.2), (1, 0.4), (2, 0.6))]}
+    agg = bench.aggregate(runs)["warp"]
+    e = agg["frame_mAP@0.5"]
+    assert e["mean"] == pytest.approx(0.4) and e["std"] == pytest.approx(0.2) and e["n"] == 3
+    assert agg["frame_mAP@0.7"] == {"mean": None, "std": None, "n": 0, "per_seed": [None] * 3}
+    assert bench._cell(e) == "40.0 ± 20.0"
+    assert agg["method"] == "Warp LSTM" and math.isclose(agg["paper_ava_map@0.5"], 21.8)
