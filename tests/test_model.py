@@ -74,7 +74,7 @@ def test_crop_features_emulates_tf_crop_and_resize():
 
 
 def test_anchors_official_grid():
-    model = build()
+    model = STVRModel(small_cfg(anchor_scales=(0.25, 0.5, 1.0, 2.0), anchor_aspect_ratios=(0.5, 1.0, 2.0)))
     anchors = model.anchors(6, 6, torch.device("cpu"))
     assert anchors.shape == (6 * 6 * 12, 4)
     centres = (anchors[:, :2] + anchors[:, 2:]) / 2
