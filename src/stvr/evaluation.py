@@ -351,7 +351,10 @@ class _Matching:
     det_key: np.ndarray  # [N] (argmax box, clip in second) id, unique per clip; -1 without ground truth
 
 
-def _match(pairs: Sequence[Any], detections: Sequence[Any], clips_per_second: int) -> _Matching:
+def _checked_detections(pairs: Sequence[Any], detections: Sequence[Any], clips_per_second: int
+                        ) -> tuple[int, "_GroundTruth", np.ndarray, np.ndarray, np.ndarray]:
+    """Parse the pairs and flatten + validate the detections (the ``ValueError`` cases of
+    :func:`frame_map`). Returns ``(cps, gt, n_clips [P], dets [D, 5], counts [sum(n_clips)])``."""
     cps = int(clips_per_second)
     if cps < 1:
         raise ValueError(f"clips_per_second must be >= 1, got {clips_per_second}")
@@ -361,6 +364,11 @@ def _match(pairs: Sequence[Any], detections: Sequence[Any], clips_per_second: in
     n_clips = gt.n_seconds * cps
     dets, counts = _flatten_detections(detections, n_clips)
     _validate_detections(dets, counts, n_clips)
+    return cps, gt, n_clips, dets, counts
+
+
+def _match(pairs: Sequence[Any], detections: Sequence[Any], clips_per_second: int) -> _Matching:
+    cps, gt, n_clips, dets, counts = _checked_detections(pairs, detections, clips_per_second)
 
     # ground-truth count per label: every box once per clip of its second
     sec_pair = np.repeat(np.arange(len(pairs)), gt.n_seconds)
@@ -583,13 +591,7 @@ def video_map_from_detections(pairs: Sequence[Any], detections: Sequence[Any],
     ``ValueError`` cases); only the first ``clips_per_second * len(gt)`` clips
     of each pair are linked.
     """
-    cps = int(clips_per_second)
-    if len(detections) != len(pairs):
-        raise ValueError(f"detections cover {len(detections)} pairs, the pair list has {len(pairs)}")
-    gt = _parse_pairs(pairs)
-    n_clips = gt.n_seconds * cps
-    dets, counts = _flatten_detections(detections, n_clips)
-    _validate_detections(dets, counts, n_clips)
+    cps, gt, n_clips, dets, counts = _checked_detections(pairs, detections, clips_per_second)
     per_clip = np.split(dets, np.cumsum(counts)[:-1]) if counts.size else []
     clip_start = np.cumsum(n_clips) - n_clips
     iterator: Iterable[int] = range(len(pairs))
