@@ -291,6 +291,22 @@ def test_predict_cli_loads_a_trained_checkpoint(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="no best.safetensors"):
         main(["predict", "--checkpoint", str(tmp_path), "--data", str(tmp_path / "data"),
               "--out", str(out), "--quiet"])
+    # a pair file outside the root, in the official yxyx order, gives the same detections
+    import json
+
+    official = [[{**p["query"], "boxes": [[b[1], b[0], b[3], b[2]] for b in p["query"]["boxes"]]},
+                 {**p["reference"], "gt": [[[b[1], b[0], b[3], b[2]] for b in sec]
+                                           for sec in p["reference"]["gt"]]}] for p in pairs]
+    elsewhere = tmp_path / "elsewhere" / "official_test.json"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text(json.dumps(official))
+    out2 = tmp_path / "dets_official.json"
+    assert main(["predict", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "data"),
+                 "--pairs", str(elsewhere), "--box-order", "yxyx", "--out", str(out2),
+                 "--device", "cpu", "--quiet"]) == 0
+    torch.testing.assert_close(
+        [torch.tensor(c, dtype=torch.float64).reshape(-1, 5) for d in load_detections(out2) for c in d],
+        [torch.tensor(c, dtype=torch.float64).reshape(-1, 5) for d in load_detections(out) for c in d])
 
 # --------------------------------------------------------------------------- DDP (gloo, CPU)
 

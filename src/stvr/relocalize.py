@@ -516,7 +516,9 @@ def _draw(frame: np.ndarray, boxes: Iterable[tuple[int, float, np.ndarray]]) -> 
     font_scale = max(0.3, min(h, w) / 600)
     for rank, score, box in boxes:
         color = _PALETTE[rank % len(_PALETTE)]
-        x1, y1, x2, y2 = (np.asarray(box) * [w - 1, h - 1, w - 1, h - 1]).round().astype(int).tolist()
+        # the same pixel box as the JSON's box_pixels (normalized x size), clipped to the frame
+        px = np.clip(np.asarray(box, dtype=np.float64) * [w, h, w, h], 0, [w - 1, h - 1, w - 1, h - 1])
+        x1, y1, x2, y2 = px.round().astype(int).tolist()
         cv2.rectangle(frame, (x1, y1), (x2, y2), color, thick, cv2.LINE_AA)
         label = f"#{rank + 1} {score:.2f}"
         (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)

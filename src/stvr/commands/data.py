@@ -93,44 +93,43 @@ def run_ava(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         split = load_label_split(args.split_json)
-        steps = tqdm(total=4, desc="ava", unit="step")
-        rows = {}
-        for name, path in (("train", Path(args.train_csv)), ("val", Path(args.val_csv))):
-            if not path.is_file():
-                return _fail(f"{path}: no such file")
-            rows[name], _ = _read_csv(path, args.strict)
+        with tqdm(total=4, desc="ava", unit="step") as steps:
+            rows = {}
+            for name, path in (("train", Path(args.train_csv)), ("val", Path(args.val_csv))):
+                if not path.is_file():
+                    return _fail(f"{path}: no such file")
+                rows[name], _ = _read_csv(path, args.strict)
+                steps.update(1)
+            out.mkdir(parents=True, exist_ok=True)
+            for name in ("train", "val"):
+                write_annotations(rows[name], out / "annotations" / f"{name}.csv")
+            _write_json({"val": [list(x) for x in split["val"]], "test": [list(x) for x in split["test"]]},
+                        out / "label_split.json", indent=1)
+            train_ids = sorted({r.video_id for r in rows["train"]})
+            val_ids = sorted({r.video_id for r in rows["val"]})
+            videos, missing = {}, []
+            if args.videos:
+                vdir = Path(args.videos)
+                if not vdir.is_dir():
+                    return _fail(f"{vdir}: not a folder")
+                for vid in tqdm(sorted(set(train_ids) | set(val_ids)), desc="videos", unit="video", leave=False):
+                    found = sorted(p for p in vdir.glob(f"{vid}.*") if p.is_file())
+                    if found:
+                        videos[vid] = str(found[0].resolve())
+                    else:
+                        missing.append(vid)
+            dataset = {
+                "name": "ava",
+                "fps": 24,
+                "videos": videos,
+                "time_ranges": {vid: list(AVA_TIME_RANGE) for vid in sorted(set(train_ids) | set(val_ids))},
+                "train_videos": train_ids,
+                "val_videos": val_ids,
+            }
+            _write_json(dataset, out / "dataset.json", indent=1)
             steps.update(1)
-        out.mkdir(parents=True, exist_ok=True)
-        for name in ("train", "val"):
-            write_annotations(rows[name], out / "annotations" / f"{name}.csv")
-        _write_json({"val": [list(x) for x in split["val"]], "test": [list(x) for x in split["test"]]},
-                    out / "label_split.json", indent=1)
-        train_ids = sorted({r.video_id for r in rows["train"]})
-        val_ids = sorted({r.video_id for r in rows["val"]})
-        videos, missing = {}, []
-        if args.videos:
-            vdir = Path(args.videos)
-            if not vdir.is_dir():
-                return _fail(f"{vdir}: not a folder")
-            for vid in tqdm(sorted(set(train_ids) | set(val_ids)), desc="videos", unit="video", leave=False):
-                found = sorted(p for p in vdir.glob(f"{vid}.*") if p.is_file())
-                if found:
-                    videos[vid] = str(found[0].resolve())
-                else:
-                    missing.append(vid)
-        dataset = {
-            "name": "ava",
-            "fps": 24,
-            "videos": videos,
-            "time_ranges": {vid: list(AVA_TIME_RANGE) for vid in sorted(set(train_ids) | set(val_ids))},
-            "train_videos": train_ids,
-            "val_videos": val_ids,
-        }
-        _write_json(dataset, out / "dataset.json", indent=1)
-        steps.update(1)
-        stats = build_dataset_root(out, seed=args.seed)
-        steps.update(1)
-        steps.close()
+            stats = build_dataset_root(out, seed=args.seed)
+            steps.update(1)
     except (ValueError, FileNotFoundError) as err:
         return _fail(str(err))
     print(format_stats(stats, top=5))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 
@@ -24,7 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run folder (best, else last checkpoint) or a .safetensors file")
     p.add_argument("--data", required=True, help="dataset root (dataset.json, videos, cache)")
     p.add_argument("--split", default="test", help="pair split of the root (default: test)")
-    p.add_argument("--pairs", help="a pair file to use instead of <data>/pairs/<split>.json")
+    p.add_argument("--pairs", help="a pair file to use instead of <data>/pairs/<split>.json "
+                   "(anywhere; its videos are looked up in the --data root)")
+    p.add_argument("--box-order", choices=("xyxy", "yxyx"), default="xyxy",
+                   help="box order of --pairs: yxyx for the official STVR split files (default xyxy)")
+    p.add_argument("--videos", help="video folder (default: the paths listed in <data>/dataset.json)")
+    p.add_argument("--cache", help="clip cache folder (default: <data>/cache)")
     p.add_argument("--out", required=True, help="output detections JSON")
     p.add_argument("--batch-size", type=int, default=1, help="pairs per forward pass (default 1)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
@@ -35,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..data.dataset import EvalPairDataset
+    from ..data.pairs import load_pairs
     from ..data.video import ClipCache
     from ..predict import predict_pairs, save_detections
     from ..train import load_checkpoint
@@ -46,12 +53,16 @@ def run(args: argparse.Namespace) -> int:
     root = Path(args.data)
     if not (root / "dataset.json").is_file():
         raise FileNotFoundError(f"{root / 'dataset.json'} does not exist: --data must be a dataset root")
-    cache = ClipCache(root / "cache", size=cfg.model.image_size, fps=cfg.data.fps)
-    source = Path(args.pairs) if args.pairs else root
-    if args.pairs and not source.is_file():
-        raise FileNotFoundError(f"pair file {source} does not exist")
-    dataset = EvalPairDataset(source, split=args.split, image_size=cfg.model.image_size,
-                              cache=cache, clip_frames=cfg.model.clip_frames)
+    data_cfg = dataclasses.replace(cfg.data, root=str(root), videos=args.videos, cache=args.cache)
+    cache = ClipCache(Path(args.cache) if args.cache else root / "cache", size=cfg.model.image_size,
+                      fps=data_cfg.fps)
+    pairs = None
+    if args.pairs:
+        if not Path(args.pairs).is_file():
+            raise FileNotFoundError(f"pair file {args.pairs} does not exist")
+        pairs = load_pairs(args.pairs, box_order=args.box_order)
+    dataset = EvalPairDataset(root, split=args.split, image_size=cfg.model.image_size, cache=cache,
+                              data_cfg=data_cfg, clip_frames=cfg.model.clip_frames, pairs=pairs)
     failed: list[int] = []
     dets = predict_pairs(model, dataset, device=device, batch_size=args.batch_size,
                          num_workers=args.num_workers, progress=not args.quiet, failed=failed)

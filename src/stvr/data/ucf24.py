@@ -86,7 +86,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         target = _ALLOWED_GLOBALS.get((module, name))
-        if target is None and module.startswith("numpy.dtypes") and name.endswith("DType"):
+        if target is None and module == "numpy.dtypes" and name.endswith("DType"):
             target = (module, name)  # numpy >= 1.25 dtype classes (data types only)
         if target is None:
             raise pickle.UnpicklingError(f"refused to load global '{module}.{name}' (only numpy arrays allowed)")
