@@ -162,6 +162,26 @@ def test_padded_clips_do_not_contribute():
             torch.testing.assert_close(da, db)
 
 
+def test_loss_clips_normalizes_like_padding_without_running_padded_clips():
+    """``batch.loss_clips`` (training: reference_seconds x 3) gives the official B x 6 divisor
+    of the second stage without running zero clips through the network."""
+    model = build(cell="conv").train()
+    torch.manual_seed(5)
+    padded = model(make_batch(extra_pad=3))          # L = 6
+    batch = make_batch()                             # L = 3
+    batch.loss_clips = 6
+    torch.manual_seed(5)
+    virtual = model(batch)
+    for key in ("rpn_objectness", "rpn_box", "box_classifier", "box_reg"):
+        torch.testing.assert_close(virtual[key], padded[key])
+    batch.loss_clips = 2                             # never below the real length
+    torch.manual_seed(5)
+    plain = model(batch)
+    torch.manual_seed(5)
+    torch.testing.assert_close(plain["box_reg"], model(make_batch())["box_reg"])
+    assert make_batch().to("cpu").loss_clips is None and batch.to("cpu").loss_clips == 2
+
+
 def test_query_attention_is_per_pair():
     model = build(cell="none").eval()
     batch = make_batch(num_queries=(3, 2))

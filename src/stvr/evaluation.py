@@ -62,6 +62,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from .data.ava import label_key as _ava_label_key
 from .tubes import Tube, _iou_broadcast, link_detections, link_ground_truth, tube_iou_matrix
 
 __all__ = [
@@ -78,15 +79,13 @@ _CHUNK = 1 << 19  # detections per IoU batch (bounds temporary memory)
 
 # --------------------------------------------------------------------------- helpers
 def label_key(label: Any) -> str:
-    """Dictionary key of a combined label: sorted ids joined by ``+`` (``[80, 11, 74]`` -> ``"11+74+80"``).
-
-    A string is returned unchanged (already a key).
-    """
+    """Dictionary key of a combined label (:func:`stvr.data.ava.label_key`); a string is
+    returned unchanged (already a key), a single int is a one-action label."""
     if isinstance(label, str):
         return label
     if isinstance(label, (int, np.integer)):
         return str(int(label))
-    return "+".join(str(int(x)) for x in sorted(int(x) for x in label))
+    return _ava_label_key(label)
 
 
 def _key_order(key: str) -> tuple:

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, roi_align
+from torchvision.ops import batched_nms, clip_boxes_to_image, roi_align
 
 from .backbones import build_backbone
 from .config import ModelConfig
@@ -501,7 +501,7 @@ class STVRModel(nn.Module):
             return out
         gt_boxes = [batch.gt_boxes[int(i)][int(t)] for i, t in zip(pair_idx.tolist(), time_idx.tolist())]
         gt_labels = [batch.gt_labels[int(i)][int(t)] for i, t in zip(pair_idx.tolist(), time_idx.tolist())]
-        return self._losses(maps, pair_idx, query_feats, query_index, gt_boxes, gt_labels, total_clips=b * length)
+        return self._losses(maps, pair_idx, query_feats, query_index, gt_boxes, gt_labels, total_clips=b * max(length, batch.loss_clips or 0))
 
     def _losses(self, maps: Tensor, clip_pair: Tensor, query_feats: Tensor, query_index: Tensor,
                 gt_boxes: list[Tensor], gt_labels: list[Tensor], total_clips: int) -> dict[str, Tensor]:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import json
 import logging
 import math
@@ -558,8 +559,10 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True,
                                dist_info.rank, dist_info.world_size)
     # the loader's own generator: creating its iterator must not consume the global RNG
     # (it would shift every later random draw of a resumed run)
+    # second-stage loss normalized over the padded training length, as officially (B x 6 clips)
+    loss_clips = cfg.data.reference_seconds * (cfg.data.fps // cfg.model.clip_frames)
     loader = DataLoader(EpochIndexed(train_set), batch_sampler=sampler,
-                        collate_fn=collate_pairs, num_workers=cfg.data.num_workers,
+                        collate_fn=functools.partial(collate_pairs, loss_clips=loss_clips), num_workers=cfg.data.num_workers,
                         pin_memory=device.type == "cuda", persistent_workers=False,
                         generator=torch.Generator().manual_seed(tc.seed * 1_000_003 + start_step))
     fields = ["step", "lr", "loss", "rpn_objectness", "rpn_box", "box_classifier", "box_reg",

@@ -44,6 +44,10 @@ class PairBatch:
         flows: optional ``[B, L, h, w, 2]`` optical flow at feature resolution
             (dy, dx in feature cells, motion from clip t-1 to clip t) for the
             ``flow`` cell; ``None`` when not computed.
+        loss_clips: number of clips per pair that the second-stage loss is
+            normalized by (the official code pads every training reference to
+            ``reference_seconds * 3`` clips and divides by ``B * 6``); ``None``
+            means L. Padded clips are never run through the network for it.
     """
 
     query_clips: Tensor
@@ -55,6 +59,7 @@ class PairBatch:
     gt_labels: list[list[Tensor]]
     pair_ids: list[int] = field(default_factory=list)
     flows: Tensor | None = None
+    loss_clips: int | None = None
 
     @property
     def batch_size(self) -> int:
@@ -73,6 +78,7 @@ class PairBatch:
             gt_labels=[[mv(b) for b in clips] for clips in self.gt_labels],
             pair_ids=list(self.pair_ids),
             flows=None if self.flows is None else mv(self.flows),
+            loss_clips=self.loss_clips,
         )
 
     def pin_memory(self) -> "PairBatch":
@@ -88,4 +94,5 @@ class PairBatch:
             gt_labels=[[pin(b) for b in clips] for clips in self.gt_labels],
             pair_ids=list(self.pair_ids),
             flows=None if self.flows is None else pin(self.flows),
+            loss_clips=self.loss_clips,
         )

@@ -40,13 +40,14 @@ from ..config import DataConfig
 from .ava import Tubelet
 from .batch import OTHER_PERSON, QUERY_MATCH, PairBatch
 from .pairs import load_dataset_json, load_pairs, load_tubelets, resolve_video_path
+from .video import VideoError, frames_to_clips
 
 __all__ = ["PairSample", "TrainPairDataset", "EvalPairDataset", "collate_pairs", "frames_to_clips", "flip_boxes"]
 
 log = logging.getLogger(__name__)
 
 #: errors that mark one sample as bad (missing/corrupt video) instead of stopping a run
-SAMPLE_ERRORS = (OSError, ValueError, RuntimeError, EOFError, KeyError, IndexError)
+SAMPLE_ERRORS = (OSError, EOFError, VideoError)
 
 
 @dataclass
@@ -73,25 +74,6 @@ class PairSample:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def frames_to_clips(frames: np.ndarray, clip_frames: int = 8) -> Tensor:
-    """``uint8 [F, S, S, 3]`` -> ``float32 [F // clip_frames, 3, clip_frames, S, S]`` in [-1, 1].
-
-    Uses ``stvr.data.video.frames_to_clips`` when that module is installed.
-    """
-    try:
-        from .video import frames_to_clips as video_frames_to_clips
-    except ModuleNotFoundError as err:
-        if err.name != "stvr.data.video":
-            raise
-        video_frames_to_clips = None
-    if video_frames_to_clips is not None:
-        return video_frames_to_clips(frames, clip_frames=clip_frames)
-    f = torch.from_numpy(np.ascontiguousarray(frames))
-    n = f.shape[0] // clip_frames
-    f = f[: n * clip_frames].reshape(n, clip_frames, *f.shape[1:])
-    return f.permute(0, 4, 1, 2, 3).float().div_(127.5).sub_(1.0).contiguous()
 
 
 def flip_boxes(boxes: np.ndarray) -> np.ndarray:
@@ -398,7 +380,7 @@ class EvalPairDataset(_VideoSource, Dataset):
 # ----------------------------------------------------------------------------- collate
 
 
-def collate_pairs(samples: Sequence[PairSample | None]) -> PairBatch | None:
+def collate_pairs(samples: Sequence[PairSample | None], loss_clips: int | None = None) -> PairBatch | None:
     """Stack samples into a :class:`PairBatch`.
 
     Query clips of all samples are concatenated (``query_index`` = position of
@@ -443,4 +425,5 @@ def collate_pairs(samples: Sequence[PairSample | None]) -> PairBatch | None:
         gt_boxes=gt_boxes,
         gt_labels=gt_labels,
         pair_ids=[int(s.pair_id) for s in kept],
+        loss_clips=loss_clips,
     )
