@@ -46,6 +46,15 @@ JSON file) are converted in one pass (``np.fromiter``); 10,000 pairs of 2-5 s
 with 10 detections per clip evaluate in about 1-2 s on one CPU core
 (``benchmarks/bench_evaluation.py``).
 
+Matching diagnostics (:func:`match_diagnostics`, API.md section 4, "Matching
+diagnostics"): with every annotated actor of each reference second
+(:func:`load_actors` of a dataset root), the share of actors covered by a
+detection (``actor_recall``), the ROC AUC with which the covering detections'
+scores rank the pair's ground-truth actors above the other actors
+(``match_auc``: 0.5 is a localizer that does not match), and the frame-mAP of
+a chance matcher handed every actor's exact box with random scores
+(``chance_mAP``: the floor a matcher must clear).
+
 Video-mAP (:func:`video_map`): spatio-temporal tube IoU (:func:`stvr.tubes.tube_iou`)
 against ground-truth tubes linked from the per-second boxes
 (:func:`stvr.tubes.link_ground_truth`), greedy matching of each pair's tubes in
@@ -58,18 +67,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from itertools import chain
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from .data.ava import label_key as _ava_label_key
-from .tubes import Tube, _iou_broadcast, link_detections, link_ground_truth, tube_iou_matrix
+from .tubes import Tube, iou_broadcast, link_detections, link_ground_truth, tube_iou_matrix
 
 __all__ = [
     "average_precision",
     "frame_map",
     "frame_map_multi",
     "label_key",
+    "load_actors",
+    "match_diagnostics",
+    "roc_auc",
     "video_map",
     "video_map_from_detections",
 ]
@@ -397,7 +410,7 @@ def _match(pairs: Sequence[Any], detections: Sequence[Any], clips_per_second: in
         rep = np.repeat(idx, reps)
         local = np.arange(rep.size) - np.repeat(seg, reps)
         g = det_gs[rep] + local
-        iou = _iou_broadcast(dets[rep, :4], gt.boxes[g])
+        iou = iou_broadcast(dets[rep, :4], gt.boxes[g])
         best = np.maximum.reduceat(iou, seg)
         is_best = iou == np.repeat(best, reps)
         first = np.minimum.reduceat(np.where(is_best, local, np.iinfo(np.int64).max), seg)
@@ -492,6 +505,204 @@ def frame_map_multi(pairs: Sequence[Any], detections: Sequence[Any],
     order = np.lexsort((-m.det_score, m.det_label))
     return {t: _per_label_ap(m.label_keys, m.num_gt, m.det_label, m.det_score, _true_positives(m, t), order)
             for t in ths}
+
+
+# --------------------------------------------------------------------------- matching diagnostics
+POSITIVE_IOU = 0.99  # an annotated actor "is" a ground-truth box of its pair at this IoU
+
+
+def load_actors(root: str | Path, strict: bool = True,
+                splits: Sequence[str] = ("train", "val")) -> dict[tuple[str, int], list[list[float]]]:
+    """Every annotated actor of a dataset root, for :func:`match_diagnostics`.
+
+    Reads ``<root>/annotations/<split>.csv`` (AVA format, :func:`stvr.data.ava.read_annotations`)
+    for each split that exists and returns ``{(video_id, second): [[x1, y1, x2, y2], ...]}``:
+    every distinct (video, second, person) box once, whatever its actions, in
+    ascending person id (the first row of a person box wins when two files hold it).
+
+    Raises:
+        FileNotFoundError: none of the annotation files exists.
+        ValueError: a malformed row (``strict=True``; see ``read_annotations``).
+    """
+    from .data.ava import read_annotations
+
+    root = Path(root)
+    files = [root / "annotations" / f"{s}.csv" for s in splits]
+    existing = [f for f in files if f.is_file()]
+    if not existing:
+        raise FileNotFoundError(f"{root}: no annotation file "
+                                f"({', '.join(str(f) for f in files)}): not a dataset root?")
+    people: dict[tuple[str, int, int], list[float]] = {}
+    for f in existing:
+        for row in read_annotations(f, strict=strict):
+            people.setdefault((row.video_id, row.second, row.person_id), [float(v) for v in row.box])
+    actors: dict[tuple[str, int], list[list[float]]] = {}
+    for video_id, second, person in sorted(people):
+        actors.setdefault((video_id, second), []).append(people[(video_id, second, person)])
+    return actors
+
+
+def roc_auc(scores: Any, positive: Any) -> float:
+    """ROC AUC (Mann-Whitney U) of ``scores`` for the ``positive`` flags; ties count one half.
+
+    NaN when there is no positive or no negative.
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    pos = np.asarray(positive, dtype=bool).reshape(-1)
+    n_pos = int(pos.sum())
+    n_neg = pos.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    _, inv, cnt = np.unique(s, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(cnt) - (cnt - 1) / 2.0)[inv.reshape(-1)]  # 1-based mid-ranks
+    u = ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (float(n_pos) * float(n_neg)))
+
+
+def _reference_keys(pairs: Sequence[Any], n_seconds: np.ndarray) -> list[tuple[str, int]]:
+    """``(video_id, start + s)`` of every reference second of every pair (global second order)."""
+    keys: list[tuple[str, int]] = []
+    for i, pair in enumerate(pairs):
+        _, ref = _split_pair(pair, i)
+        try:
+            vid, start = str(ref["id"]), int(ref["start"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"pair {i}: the reference needs an 'id' and an integer 'start' "
+                             f"for the matching diagnostics ({err!r})") from None
+        keys.extend((vid, start + s) for s in range(int(n_seconds[i])))
+    return keys
+
+
+def _actor_table(actors: Any, keys: Sequence[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Actor boxes of each global second -> ``(start [S], count [S], boxes [A, 4])``; each
+    distinct key's boxes are converted and validated once."""
+    seen: dict[tuple[str, int], tuple[int, int]] = {}
+    blocks: list[np.ndarray] = []
+    starts = np.zeros(len(keys), dtype=np.int64)
+    counts = np.zeros(len(keys), dtype=np.int64)
+    total = 0
+    for s, key in enumerate(keys):
+        entry = seen.get(key)
+        if entry is None:
+            raw = actors.get(key)
+            b = np.zeros((0, 4)) if raw is None or len(raw) == 0 else np.asarray(raw, dtype=np.float64)
+            if b.ndim != 2 or b.shape[1] != 4:
+                raise ValueError(f"actors[{key!r}]: expected a list of [x1, y1, x2, y2] boxes, "
+                                 f"got shape {b.shape}")
+            _check_boxes(b, f"actors[{key!r}]")
+            entry = (total, b.shape[0])
+            seen[key] = entry
+            blocks.append(b)
+            total += b.shape[0]
+        starts[s], counts[s] = entry
+    boxes = np.concatenate(blocks) if blocks else np.zeros((0, 4))
+    return starts, counts, boxes
+
+
+def _ragged_local(counts: np.ndarray) -> np.ndarray:
+    """``[0..c0-1, 0..c1-1, ...]`` for ``counts = [c0, c1, ...]``."""
+    counts = np.asarray(counts, dtype=np.int64)
+    return np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+def match_diagnostics(pairs: Sequence[Any], detections: Sequence[Any], actors: Any,
+                      iou_threshold: float = 0.5, clips_per_second: int = 3,
+                      chance_seeds: int = 3) -> dict:
+    """Diagnostics that tell matching from localization (API.md section 4).
+
+    Args:
+        pairs, detections, clips_per_second: as for :func:`frame_map` (validated the same way).
+        actors: ``actors[(video_id, second)]`` = every annotated actor's box
+            ``[x1, y1, x2, y2]`` at that second, whatever its label
+            (:func:`load_actors` of a dataset root); a missing key means no actor.
+        iou_threshold: a detection covers an actor at IoU >= this.
+        chance_seeds: seeds ``0 .. chance_seeds - 1`` of the chance matcher.
+
+    Over every pair, reference clip ``j`` (second ``start + j // clips_per_second``)
+    and annotated actor of that second, an *instance*:
+
+    * ``actor_recall``: share of instances covered by a detection of that clip
+      (IoU >= ``iou_threshold``); NaN without instances.
+    * ``match_auc``: a covered instance's score is the highest score of the
+      detections covering it; it is positive when the actor is one of the pair's
+      ground-truth boxes of that second (IoU >= 0.99), else negative; the ROC AUC
+      of all of them pooled (ties count one half); NaN without positives or negatives.
+    * ``chance_mAP``: the mean over seeds of :func:`frame_map` (at ``iou_threshold``)
+      of detections that are exactly the instances' actor boxes, in instance order
+      (pair, clip, actor), scored ``np.random.default_rng(seed).random(n_instances)``;
+      NaN when ``chance_seeds`` is 0.
+
+    Returns:
+        ``{"actor_recall": float, "match_auc": float, "chance_mAP": float}``.
+    """
+    th = _check_threshold(iou_threshold)
+    chance_seeds = int(chance_seeds)
+    if chance_seeds < 0:
+        raise ValueError(f"chance_seeds must be >= 0, got {chance_seeds}")
+    cps, gt, n_clips, dets, counts = _checked_detections(pairs, detections, clips_per_second)
+    sec_act_start, sec_act_count, act_boxes = _actor_table(actors, _reference_keys(pairs, gt.n_seconds))
+
+    # per (global second, actor): positive when it is one of the second's ground-truth boxes
+    sa_sec = np.repeat(np.arange(sec_act_count.size), sec_act_count)
+    sa_row = sec_act_start[sa_sec] + _ragged_local(sec_act_count)
+    sa_first = np.cumsum(sec_act_count) - sec_act_count        # first (second, actor) of each second
+    sa_pos = np.zeros(sa_row.size, dtype=bool)
+    reps = gt.sec_gt_count[sa_sec]
+    if reps.sum():
+        rep = np.repeat(np.arange(sa_row.size), reps)
+        g = gt.sec_gt_start[sa_sec[rep]] + _ragged_local(reps)
+        iou = iou_broadcast(act_boxes[sa_row[rep]], gt.boxes[g])
+        sa_pos[rep[iou >= POSITIVE_IOU]] = True
+
+    # instances (pair, clip, actor), in that order
+    n_total_clips = int(n_clips.sum())
+    clip_pair = np.repeat(np.arange(len(pairs)), n_clips)
+    clip_local = np.arange(n_total_clips) - np.repeat(np.cumsum(n_clips) - n_clips, n_clips)
+    clip_sec = gt.sec_offset[clip_pair] + clip_local // cps
+    inst_count = sec_act_count[clip_sec] if n_total_clips else np.zeros(0, np.int64)
+    inst_first = np.cumsum(inst_count) - inst_count             # first instance of each clip
+    inst_sa = np.repeat(sa_first[clip_sec] if n_total_clips else np.zeros(0, np.int64), inst_count) \
+        + _ragged_local(inst_count)
+    inst_boxes = act_boxes[sa_row[inst_sa]]
+    inst_pos = sa_pos[inst_sa]
+    n_inst = inst_sa.size
+
+    # coverage: every detection against every instance of its clip (in bounded chunks)
+    covered = np.zeros(n_inst, dtype=bool)
+    best = np.full(n_inst, -np.inf)
+    det_clip = np.repeat(np.arange(n_total_clips), counts)
+    det_reps = inst_count[det_clip] if det_clip.size else np.zeros(0, np.int64)
+    ends = np.cumsum(det_reps)
+    lo = 0
+    while lo < det_reps.size:
+        hi = max(lo + 1, int(np.searchsorted(ends, (ends[lo - 1] if lo else 0) + _CHUNK, side="right")))
+        r = det_reps[lo:hi]
+        if r.sum():
+            d = np.repeat(np.arange(lo, hi), r)
+            inst = inst_first[det_clip[d]] + _ragged_local(r)
+            cov = iou_broadcast(dets[d, :4], inst_boxes[inst]) >= th
+            covered[inst[cov]] = True
+            np.maximum.at(best, inst[cov], dets[d[cov], 4])
+        lo = hi
+
+    actor_recall = float(covered.mean()) if n_inst else math.nan
+    match_auc = roc_auc(best[covered], inst_pos[covered])
+
+    # chance matcher: the actors' exact boxes with uniform random scores
+    chance = math.nan
+    if chance_seeds > 0:
+        inst_dets = np.concatenate([inst_boxes, np.zeros((n_inst, 1))], axis=1)
+        per_clip = np.split(inst_dets, inst_first[1:]) if n_total_clips else []
+        clip_start = (np.cumsum(n_clips) - n_clips).tolist()
+        chance_dets = [per_clip[c0 : c0 + n] for c0, n in zip(clip_start, n_clips.tolist())]
+        m = _match(pairs, chance_dets, cps)
+        order_free = []
+        for seed in range(chance_seeds):
+            m.det_score = np.random.default_rng(seed).random(n_inst)
+            order_free.append(_per_label_ap(m.label_keys, m.num_gt, m.det_label, m.det_score,
+                                            _true_positives(m, th))["mAP"])
+        chance = float(np.mean(order_free))
+    return {"actor_recall": actor_recall, "match_auc": match_auc, "chance_mAP": chance}
 
 
 # --------------------------------------------------------------------------- video-mAP

@@ -144,13 +144,16 @@ def _finite_or_none(x: float) -> float | None:
 def evaluate_detections(pairs: Sequence[Any], detections: Sequence[Any],
                         frame_ious: Sequence[float] = (0.3, 0.5, 0.7),
                         video_ious: Sequence[float] | None = (0.2, 0.5),
-                        clips_per_second: int = 3) -> dict[str, Any]:
+                        clips_per_second: int = 3, actors: dict | None = None) -> dict[str, Any]:
     """Frame-mAP (official protocol, :func:`stvr.evaluation.frame_map_multi`) and, unless
     ``video_ious`` is None, video-mAP of linked tubes
     (:func:`stvr.evaluation.video_map_from_detections`, default linking).
 
     Returns JSON-ready ``{"frame_mAP": {"0.5": m, ...}, "frame_AP@0.5": {label: ap},
     "video_mAP": {"0.2": m, ...}, "num_labels": n, "num_pairs": n}``; NaN becomes None.
+    With ``actors`` (:func:`stvr.evaluation.load_actors`), also ``"diagnostics":
+    {"actor_recall", "match_auc", "chance_mAP"}`` (:func:`stvr.evaluation.match_diagnostics`
+    at IoU 0.5).
     """
     from .evaluation import frame_map_multi, video_map_from_detections
 
@@ -165,4 +168,9 @@ def evaluate_detections(pairs: Sequence[Any], detections: Sequence[Any],
     if video_ious:
         vm = video_map_from_detections(pairs, detections, tuple(video_ious), clips_per_second)
         out["video_mAP"] = {str(t): _finite_or_none(r["mAP"]) for t, r in vm.items()}
+    if actors is not None:
+        from .evaluation import match_diagnostics
+
+        diag = match_diagnostics(pairs, detections, actors, 0.5, clips_per_second)
+        out["diagnostics"] = {k: _finite_or_none(v) for k, v in diag.items()}
     return out

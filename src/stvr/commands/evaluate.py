@@ -12,6 +12,10 @@ Output (JSON on stdout, NaN printed as ``null``):
   :func:`stvr.tubes.link_detections` defaults).
 * ``--video-map`` adds ``"video_mAP"`` to the ``--iou`` output;
   ``--no-video-map`` leaves it out of the default output.
+* ``--data ROOT`` adds ``"diagnostics"``:
+  :func:`stvr.evaluation.match_diagnostics` (``actor_recall``, ``match_auc``,
+  ``chance_mAP``, at ``--iou`` or 0.5) with the actors of ROOT's annotations
+  (:func:`stvr.evaluation.load_actors`).
 """
 
 from __future__ import annotations
@@ -39,6 +43,12 @@ output (JSON on stdout; a NaN mAP, when no label has ground truth, is printed as
                      to the ground-truth tubes of each reference)
   --video-map        add "video_mAP" to the --iou output
   --no-video-map     leave "video_mAP" out of the default output (faster)
+  --data ROOT        add "diagnostics": {"actor_recall", "match_auc", "chance_mAP"}
+                     (stvr.evaluation.match_diagnostics at --iou or 0.5, every annotated
+                     actor of ROOT/annotations/{train,val}.csv): the share of actors
+                     covered by a detection, the ROC AUC of the covering detections'
+                     scores for the pair's ground-truth actors vs the other actors, and
+                     the frame-mAP of random scores on the actors' exact boxes
 
 DETECTIONS.json is what `stvr predict` writes (stvr.predict.save_detections):
 a list with one entry per pair, one list per reference clip (3 per second), one
@@ -67,6 +77,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--box-order", choices=("xyxy", "yxyx"), default="xyxy",
                    help="box order of the pair file (yxyx for the official STVR split files)")
     p.add_argument("--clips-per-second", type=int, default=3, help="clips per reference second (default 3)")
+    p.add_argument("--data", metavar="ROOT", default=None,
+                   help="dataset root whose annotations give every actor: adds the matching "
+                        "diagnostics (key \"diagnostics\")")
     p.add_argument("--out", help="also write the result JSON to this file")
     p.add_argument("--indent", type=int, default=2, help="JSON indentation (default 2; -1: one line)")
     p.set_defaults(func=run)
@@ -85,8 +98,10 @@ def _json_ready(obj: Any) -> Any:
 
 def evaluate(pairs: list, detections: list, iou: float | None = None, video_map: bool | None = None,
              video_ious: tuple[float, ...] = VIDEO_IOUS, clips_per_second: int = 3,
-             progress: bool = False) -> dict:
-    """The dictionary ``stvr evaluate`` prints (before NaN -> null); see the module docstring."""
+             progress: bool = False, actors: dict | None = None) -> dict:
+    """The dictionary ``stvr evaluate`` prints (before NaN -> null); see the module docstring.
+
+    ``actors`` (:func:`stvr.evaluation.load_actors`) adds ``"diagnostics"``."""
     from ..evaluation import frame_map, frame_map_multi, video_map_from_detections
 
     if iou is not None:
@@ -100,6 +115,12 @@ def evaluate(pairs: list, detections: list, iou: float | None = None, video_map:
     if with_video:
         result["video_mAP"] = video_map_from_detections(pairs, detections, tuple(video_ious),
                                                         clips_per_second=clips_per_second, progress=progress)
+    if actors is not None:
+        from ..evaluation import match_diagnostics
+
+        result["diagnostics"] = match_diagnostics(
+            pairs, detections, actors, iou_threshold=HEADLINE_IOU if iou is None else iou,
+            clips_per_second=clips_per_second)
     return result
 
 
@@ -113,10 +134,15 @@ def run(args: argparse.Namespace) -> int:
         if not isinstance(detections, list):
             raise ValueError(f"{args.detections}: expected a JSON list (one entry per pair), "
                              f"got {type(detections).__name__}")
+        actors = None
+        if getattr(args, "data", None):
+            from ..evaluation import load_actors
+
+            actors = load_actors(args.data)
         try:
             result = evaluate(pairs, detections, iou=args.iou, video_map=args.video_map,
                               video_ious=tuple(args.video_iou), clips_per_second=args.clips_per_second,
-                              progress=sys.stderr.isatty())
+                              progress=sys.stderr.isatty(), actors=actors)
         except ValueError as err:
             raise ValueError(f"{args.detections} vs {args.pairs}: {err}") from None
     except (FileNotFoundError, ValueError) as err:
