@@ -1,11 +1,12 @@
-# The two commands of the README: `make demo` (main job) and `make test`.
+# The two commands of the README: `make demo` (main job) and `make test` (`make test-fast`: without
+# the tests marked slow).
 # Both create ./.venv and install the package with its dev extras first.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stvr-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# everything but the tests marked slow (learnability, demo, training runs): under a minute
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_cells.py

@@ -21,6 +21,7 @@ def _flags(name: str, values: list[str]) -> list[str]:
     return [a for v in values for a in (name, v)]
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_and_rerun_reuses_the_run(tmp_path, capsys):
     data, out = tmp_path / "synth", tmp_path / "demo"
     argv = ["demo", "--data", str(data), "--out", str(out), "--steps", "2", "--quiet", "--device", "cpu",
@@ -53,6 +54,7 @@ def test_demo_end_to_end_and_rerun_reuses_the_run(tmp_path, capsys):
     assert again["data"]["summary"]["generated"] is False
 
 
+@pytest.mark.slow
 def test_bench_table1_writes_tables_and_skips_finished_runs(tmp_path, capsys):
     argv = ["bench", "table1", "--data", str(tmp_path / "synth"), "--runs", str(tmp_path / "runs"),
             "--out", str(tmp_path / "results"), "--steps", "1", "--seeds", "0", "--methods", "clip", "warp",

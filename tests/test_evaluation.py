@@ -463,6 +463,7 @@ def test_cli_nan_is_null_and_errors(capsys, tmp_path):
     assert code == 2 and "missing.json" in err
 
 
+@pytest.mark.slow
 def test_cli_subprocess(files):
     pp, dp, pairs, dets = files
     proc = subprocess.run([sys.executable, "-m", "stvr.cli", "evaluate", str(pp), str(dp), "--iou", "0.3"],

@@ -248,6 +248,7 @@ def test_deterministic_with_seed():
         assert torch.equal(la[k], lb[k]), k
 
 
+@pytest.mark.slow
 def test_overfits_one_batch():
     model = build(cell="none").train()
     batch = make_batch(lengths=(2, 2), num_queries=(1, 1))

@@ -423,6 +423,7 @@ def train_predictor(kind: str, seed: int, steps: int = 150):
         return F.mse_loss(net(test)[:, 1:], test[:, 2:]).item(), net
 
 
+@pytest.mark.slow
 def test_warp_cell_learns_motion_better_than_conv_cell():
     # Motion of 2 cells per step is out of reach of the ConvLSTM's 3x3 gates; the
     # warp cell can move its state. Checked locally with seeds 0-5: warp/conv loss

@@ -88,6 +88,7 @@ def _read_csv(path: Path) -> list[dict]:
 # --------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 def test_short_training_reduces_loss_and_keeps_the_best_checkpoint(tmp_path):
     cfg = _cfg("train.lr=0.01", "train.eval_every=10", "train.checkpoint_every=10")
     out = tmp_path / "run"
@@ -147,6 +148,7 @@ def test_checkpoint_is_safetensors_plus_json_and_reloads(tmp_path):
         T.load_checkpoint(tmp_path)
 
 
+@pytest.mark.slow
 def test_resume_after_interrupt_is_bit_identical(tmp_path, monkeypatch):
     cfg = _cfg()
     data = PairsInMemory(6)
@@ -333,6 +335,7 @@ def _ddp_worker(rank: int, world: int, port: int, runs: list, queue) -> None:
             dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo_resume_identical(tmp_path):
     import socket
 
