@@ -33,6 +33,8 @@ class ModelConfig:
     tiny_width: int = 32               # base width of the tiny backbone
     i3d_weights: str | None = None     # local state-dict file (pytorch-i3d key names)
     i3d_random_init: bool = False      # train an I3D backbone without i3d_weights on purpose
+    backbone_weights: str | None = None  # tiny backbone: "builtin" (shipped, pretrained by `stvr pretrain`),
+                                       # a local .safetensors file, or None (random initialization)
     freeze_bn: bool = True             # backbone BN uses stored statistics
     # recurrent propagation of the reference (stvr.recurrent.build_cell kinds, or "none")
     cell: str = "warp"
@@ -54,6 +56,7 @@ class ModelConfig:
     max_proposals: int = 32            # per clip, after NMS
     # RoI features
     roi_crop_size: int = 14            # crop then 2x2 max-pool -> 7x7
+    roi_mapping: str = "tf"            # "tf" (crop_and_resize, official) | "pixel" (cell i at pixel 16 i)
     # attention (Eq. 10)
     attention_dim: int = 128
     # second stage
@@ -64,6 +67,7 @@ class ModelConfig:
     box_batch_per_clip: int = 16
     box_positive_fraction: float = 0.25
     box_fg_iou: float = 0.5
+    box_add_gt: bool = False           # add the ground-truth boxes to the second-stage training proposals
     box_coder_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
     # losses
     rpn_loc_weight: float = 2.0
@@ -88,6 +92,7 @@ class DataConfig:
     reference_seconds: int = 2         # training reference length (cropped / zero-padded)
     query_max_seconds: int = 10        # training query cap (random window)
     flip_probability: float = 0.5      # independent flips of query and reference
+    reference_other_actor: bool = False  # training references from another person when the label has one
     num_workers: int = 0
 
 
@@ -161,7 +166,7 @@ def preset(name: str) -> Config:
     raise ValueError(f"unknown preset {name!r}; choose 'paper' or 'cpu'")
 
 
-def _coerce(value: str, current: Any) -> Any:
+def coerce_value(value: str, current: Any) -> Any:
     """Parse a command-line string into the type of the field's current value."""
     if isinstance(current, bool):
         if value.lower() in ("1", "true", "yes", "on"):
@@ -204,9 +209,126 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
         if not hasattr(section, field_name):
             names = ", ".join(f.name for f in dataclasses.fields(section))
             raise ValueError(f"unknown field {field_name!r} in section {section_name!r}; fields: {names}")
-        setattr(section, field_name, _coerce(value.strip(), getattr(section, field_name)))
-    if cfg.model.cell not in CELL_KINDS:
-        raise ValueError(f"model.cell must be one of {CELL_KINDS}, got {cfg.model.cell!r}")
+        try:
+            parsed = coerce_value(value.strip(), getattr(section, field_name))
+        except ValueError as err:
+            raise ValueError(f"{key.strip()}: cannot parse {value.strip()!r} ({err})") from None
+        setattr(section, field_name, parsed)
+    return validate_config(cfg)
+
+
+BACKBONES = ("i3d", "tiny")
+HEADS = ("resnet", "binary")
+PRESETS = ("paper", "cpu")
+
+# range rules: field -> kind; "pos" > 0, "nonneg" >= 0, "prob" in [0, 1], "iou" in (0, 1]
+_RULES: dict[str, dict[str, str]] = {
+    "model": {
+        "image_size": "pos", "clip_frames": "pos", "backbone_channels": "pos", "tiny_width": "pos",
+        "cell_bottleneck": "pos", "warp_grid": "pos", "warp_order": "pos",
+        "warp_boundary_points": "nonneg", "traj_links": "pos", "rpn_channels": "pos",
+        "anchor_base_size": "pos", "anchor_scales": "pos", "anchor_aspect_ratios": "pos",
+        "rpn_fg_iou": "iou", "rpn_bg_iou": "prob", "rpn_batch_per_clip": "pos",
+        "rpn_positive_fraction": "prob", "rpn_nms_iou": "iou", "max_proposals": "pos",
+        "roi_crop_size": "pos", "attention_dim": "pos", "head_mid_channels": "pos",
+        "head_out_channels": "pos", "head_blocks": "pos", "box_batch_per_clip": "pos",
+        "box_positive_fraction": "prob", "box_fg_iou": "iou", "box_coder_weights": "pos",
+        "rpn_loc_weight": "nonneg", "rpn_obj_weight": "nonneg", "box_loc_weight": "nonneg",
+        "box_cls_weight": "nonneg", "det_nms_iou": "iou", "det_per_class": "pos",
+        "det_per_clip": "pos", "det_score_threshold": "prob",
+    },
+    "data": {
+        "fps": "pos", "reference_seconds": "pos", "query_max_seconds": "pos",
+        "flip_probability": "prob", "num_workers": "nonneg",
+    },
+    "train": {
+        "batch_size": "pos", "lr": "pos", "momentum": "prob", "lr_steps": "nonneg",
+        "lr_gamma": "pos", "max_steps": "nonneg", "grad_clip_norm": "pos", "weight_decay": "nonneg",
+        "log_every": "pos", "eval_every": "nonneg", "checkpoint_every": "pos", "seed": "nonneg",
+    },
+}
+_RULE_TEXT = {"pos": "> 0", "nonneg": ">= 0", "prob": "in [0, 1]", "iou": "in (0, 1]"}
+
+
+def _type_name(kind: Any) -> str:
+    return getattr(kind, "__name__", str(kind))
+
+
+def _check_type(section: str, name: str, value: Any, default: Any) -> None:
+    """A loaded value has the type of the field (int for int, a number for float, ...)."""
+    where = f"{section}.{name}"
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+        want = "a boolean"
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        want = "an integer"
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        want = "a number"
+    elif isinstance(default, tuple):
+        ok = isinstance(value, (tuple, list)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        want = "a list of numbers"
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+        want = "a string"
+    else:  # optional strings (None default)
+        ok = value is None or isinstance(value, str)
+        want = "a string or null"
+    if not ok:
+        raise ValueError(f"{where} must be {want}, got {value!r} ({_type_name(type(value))})")
+
+
+def validate_config(cfg: Config) -> Config:
+    """Check every field's type and range; ``ValueError`` naming the field otherwise.
+
+    Sizes and counts are positive, probabilities in [0, 1], IoU thresholds in
+    (0, 1], the learning rate > 0, and cell/backbone/head/preset names known.
+    Returns ``cfg``.
+    """
+    import math
+
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {cfg.preset!r}")
+    for section_name, kind in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig)):
+        section = getattr(cfg, section_name)
+        defaults = kind()
+        for f in dataclasses.fields(kind):
+            _check_type(section_name, f.name, getattr(section, f.name), getattr(defaults, f.name))
+        for name, rule in _RULES[section_name].items():
+            value = getattr(section, name)
+            values = list(value) if isinstance(value, (tuple, list)) else [value]
+            if isinstance(value, (tuple, list)) and not values and rule == "pos":
+                raise ValueError(f"{section_name}.{name} must not be empty")
+            for v in values:
+                ok = math.isfinite(v) and {
+                    "pos": v > 0, "nonneg": v >= 0, "prob": 0 <= v <= 1, "iou": 0 < v <= 1,
+                }[rule]
+                if not ok:
+                    raise ValueError(f"{section_name}.{name} must be {_RULE_TEXT[rule]}, got {value!r}")
+    m, t = cfg.model, cfg.train
+    if m.cell not in CELL_KINDS:
+        raise ValueError(f"model.cell must be one of {CELL_KINDS}, got {m.cell!r}")
+    if m.backbone not in BACKBONES:
+        raise ValueError(f"model.backbone must be one of {BACKBONES}, got {m.backbone!r}")
+    if m.head not in HEADS:
+        raise ValueError(f"model.head must be one of {HEADS}, got {m.head!r}")
+    if m.roi_mapping not in ("tf", "pixel"):
+        raise ValueError(f"model.roi_mapping must be 'tf' or 'pixel', got {m.roi_mapping!r}")
+    if m.backbone_weights is not None and m.backbone != "tiny":
+        raise ValueError("model.backbone_weights is for the tiny backbone; I3D weights go in model.i3d_weights")
+    if len(m.box_coder_weights) != 4:
+        raise ValueError(f"model.box_coder_weights must have 4 values, got {m.box_coder_weights!r}")
+    if m.rpn_bg_iou > m.rpn_fg_iou:
+        raise ValueError(f"model.rpn_bg_iou ({m.rpn_bg_iou}) must be <= model.rpn_fg_iou ({m.rpn_fg_iou})")
+    if m.image_size % 16:
+        raise ValueError(f"model.image_size must be a multiple of 16 (the backbone stride), got {m.image_size}")
+    if list(t.lr_steps) != sorted(t.lr_steps):
+        raise ValueError(f"train.lr_steps must be increasing, got {t.lr_steps!r}")
+    if t.device != "auto" and t.device != "cpu" and not t.device.startswith("cuda") \
+            and t.device != "mps":
+        raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     return cfg
 
 
@@ -231,12 +353,17 @@ def config_from_dict(d: dict[str, Any]) -> Config:
             out[k] = v
         return kind(**out)
 
-    return Config(
+    if not isinstance(d, dict):
+        raise ValueError(f"a config must be a JSON object, got {type(d).__name__}")
+    for key in ("model", "data", "train"):
+        if not isinstance(d.get(key, {}), dict):
+            raise ValueError(f"config section {key!r} must be an object, got {type(d[key]).__name__}")
+    return validate_config(Config(
         preset=d.get("preset", "paper"),
         model=build(ModelConfig, d.get("model", {})),
         data=build(DataConfig, d.get("data", {})),
         train=build(TrainConfig, d.get("train", {})),
-    )
+    ))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
