@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import CELL_KINDS
+
 __all__ = [
     "ConvLSTMCell",
     "WarpLSTMCell",
@@ -471,12 +473,13 @@ class FlowLSTMCell(ConvLSTMCell):
 
 # --------------------------------------------------------------------------- factory
 
+# the kinds are named once, in stvr.config.CELL_KINDS ("none" = no cell, the Clip baseline);
+# each class carries its kind
 CELL_CLASSES: dict[str, type[ConvLSTMCell]] = {
-    "conv": ConvLSTMCell,
-    "warp": WarpLSTMCell,
-    "traj": TrajLSTMCell,
-    "flow": FlowLSTMCell,
-}
+    cls.kind: cls for cls in (ConvLSTMCell, WarpLSTMCell, TrajLSTMCell, FlowLSTMCell)}
+if set(CELL_CLASSES) != set(CELL_KINDS) - {"none"}:
+    raise ImportError(f"stvr.recurrent cell classes {sorted(CELL_CLASSES)} do not match "
+                      f"stvr.config.CELL_KINDS {CELL_KINDS}")
 
 
 def build_cell(kind: str, in_channels: int, hidden_channels: int, **options: Any) -> nn.Module:

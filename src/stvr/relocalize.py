@@ -48,6 +48,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .utils import atomic_write, resolve_device
+
 __all__ = [
     "MODEL_FPS",
     "CLIP_FRAMES",
@@ -75,13 +77,6 @@ _NUMBER_LIST = re.compile(r"\[\s*((?:-?[\d.eE+-]+|null|NaN|-?Infinity)(?:,\s*(?:
 # tab10 in RGB: one colour per tubelet rank
 _PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
             (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"`` / None -> CUDA when available, else CPU; anything else as given."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # --------------------------------------------------------------------------- boxes
@@ -477,9 +472,7 @@ def save_result(result: Mapping[str, Any], path: str | Path) -> Path:
     text = json.dumps(result, indent=1)
     # one line per list of numbers (boxes, detections) instead of one line per number
     text = _NUMBER_LIST.sub(lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]", text)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(p)
+    atomic_write(p, text + "\n")
     return p
 
 

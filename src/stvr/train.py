@@ -53,6 +53,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import Config, config_from_dict, config_to_dict, save_config
+from .utils import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -85,19 +86,16 @@ def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device != "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    dev = resolve_device(device)
+    use_cuda = dev.type == "cuda"
     if world > 1:
         import torch.distributed as dist
 
         if not dist.is_initialized():
             dist.init_process_group("nccl" if use_cuda else "gloo")
         dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-    elif use_cuda:
-        dev = torch.device(device if device.startswith("cuda") else "cuda")
-    else:
-        dev = torch.device("cpu")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     return DistInfo(rank, world, local), dev

@@ -26,6 +26,7 @@ import numpy as np
 __all__ = [
     "Tube",
     "box_iou",
+    "iou_broadcast",
     "link_detections",
     "link_ground_truth",
     "tube_iou",
@@ -43,10 +44,10 @@ def box_iou(boxes_a: Any, boxes_b: Any) -> np.ndarray:
     """
     a = np.asarray(boxes_a, dtype=np.float64).reshape(-1, 4)
     b = np.asarray(boxes_b, dtype=np.float64).reshape(-1, 4)
-    return _iou_broadcast(a[:, None, :], b[None, :, :])
+    return iou_broadcast(a[:, None, :], b[None, :, :])
 
 
-def _iou_broadcast(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def iou_broadcast(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of broadcastable ``[..., 4]`` float64 box arrays -> ``[...]`` (0 for empty unions)."""
     iw = np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0])
     ih = np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1])
@@ -190,7 +191,7 @@ def _one_to_many(t: Tube, boxes: np.ndarray, valid: np.ndarray, lengths: np.ndar
     if e > s:
         own = t.boxes[s - t.start_clip : e - t.start_clip]  # [n, 4]
         v = valid[:, s - lo : e - lo]  # [R, n]
-        iou = _iou_broadcast(boxes[:, s - lo : e - lo], own[None])  # [R, n]
+        iou = iou_broadcast(boxes[:, s - lo : e - lo], own[None])  # [R, n]
         out_sum = np.where(v, iou, 0.0).sum(axis=1)
         inter_len = v.sum(axis=1)
     union_len = t.num_clips + lengths - inter_len
@@ -392,10 +393,10 @@ def link_detections(
                 clips = np.array([(tr.last_clip, tr.prev_clip) for tr in open_tracks], dtype=np.float64)
                 step = np.maximum(clips[:, 0] - clips[:, 1], 1.0)
                 pred = last + (last - prev) * ((t - clips[:, 0]) / step)[:, None]
-                both = _iou_broadcast(np.concatenate([last, pred])[:, None, :], dets[None, :, :4])
+                both = iou_broadcast(np.concatenate([last, pred])[:, None, :], dets[None, :, :4])
                 iou = np.maximum(both[: len(open_tracks)], both[len(open_tracks) :])  # [A, K]
             else:
-                iou = _iou_broadcast(last[:, None, :], dets[None, :, :4])  # [A, K]
+                iou = iou_broadcast(last[:, None, :], dets[None, :, :4])  # [A, K]
             ti, di = np.nonzero(iou >= iou_threshold)
             if ti.size:
                 link = iou[ti, di] + score_weight * dets[di, 4]

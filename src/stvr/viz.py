@@ -335,7 +335,7 @@ def _top_box(clip_dets: Any) -> list[float] | None:
 
 def load_results_data(pair: Mapping[str, Any], root: str | Path,
                       detections: Mapping[str, Sequence[Any]], *, max_query: int = 4,
-                      max_reference: int = 6, fps: int = 24, clips_per_second: int = 3,
+                      max_reference: int = 6, fps: int = 24, clip_frames: int = 8,
                       videos_dir: str | Path | None = None) -> dict[str, Any]:
     """Decode the frames of Figure 8 for one pair of a pair file.
 
@@ -349,6 +349,8 @@ def load_results_data(pair: Mapping[str, Any], root: str | Path,
         root: the dataset root (``dataset.json`` maps video ids to files).
         detections: method name -> that pair's detections (per clip lists of
             ``[x1, y1, x2, y2, score]``, as in a detections file entry).
+        fps, clip_frames: the model's frame rate and clip length (``data.fps``,
+            ``model.clip_frames``); ``fps // clip_frames`` clips per second.
     Returns the keyword arguments of :func:`plot_results` (minus ``path``).
     """
     from .data import video
@@ -360,12 +362,12 @@ def load_results_data(pair: Mapping[str, Any], root: str | Path,
     rpath = resolve_video_path(root, ds, r["id"], videos_dir)
     q_seconds = list(q["frames"])
     qi = np.unique(np.linspace(0, len(q_seconds) - 1, min(max_query, len(q_seconds))).round().astype(int))
+    clips_per_second = fps // clip_frames
     n_clips = (int(r["end"]) - int(r["start"])) * clips_per_second
     for name, d in detections.items():
         if len(d) < n_clips:
             raise ValueError(f"detections of {name!r}: {len(d)} clips, the reference has {n_clips}")
     ri = np.unique(np.linspace(0, n_clips - 1, min(max_reference, n_clips)).round().astype(int))
-    clip_frames = fps // clips_per_second
 
     def frame_at(path: Path, t: float) -> np.ndarray:
         f = np.asarray(video.read_frames(path, start=t, end=t + 1.0 / fps, fps=fps))

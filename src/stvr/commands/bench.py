@@ -26,6 +26,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..experiments import (config_matches, device_name, evaluate_model, pct, prepare_data, run_config,
+                           test_dataset)
+from ..utils import write_json
+
 # method key -> (paper name, model.cell, paper Table 1 frame-mAP@0.5 on AVA, on UCF-101-24)
 METHODS: dict[str, tuple[str, str, float, float]] = {
     "clip": ("Clip", "none", 18.8, 52.9),
@@ -74,21 +78,13 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def run_one(method: str, seed: int, args: argparse.Namespace, steps: int | None, dataset_cache: dict) -> dict:
     """Train (or resume) and evaluate one (method, seed) run; returns its results dict."""
     from ..config import config_to_dict
     from ..train import load_checkpoint, train
-    from .demo import config_matches, evaluate_model, resolve_device, run_config, test_dataset
 
     name, cell, _, _ = METHODS[method]
-    device = resolve_device(args.device)
+    device = device_name(args.device)
     cfg = run_config(args.preset, args.data, seed, device, [*args.overrides, f"model.cell={cell}"])
     if steps is not None:
         cfg.train.max_steps = int(steps)
@@ -115,7 +111,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace, steps: int | None,
         "train_seconds_this_call": round(t_train, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
         "config": cfg_dict,
     })
-    _write_json(run_dir / "results.json", res)
+    write_json(run_dir / "results.json", res, indent=2, default=str)
     return res
 
 
@@ -184,8 +180,6 @@ def markdown(agg: dict[str, dict], meta: dict) -> str:
 def run_table1(args: argparse.Namespace) -> int:
     import torch
 
-    from .demo import pct, prepare_data, run_config
-
     if not args.seeds:
         raise ValueError("--seeds needs at least one seed")
     print(f"synthetic data set at {args.data}")
@@ -248,7 +242,7 @@ def _write_tables(out: Path, results: dict[str, list[dict]], args: argparse.Name
             "overrides": list(args.overrides), "synth": list(args.synth),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {threads}",
             "run_seconds": run_seconds}
-    _write_json(out / "table1.json", {"meta": meta, "data": data_summary, "methods": agg,
-                                      "runs": {m: [{k: v for k, v in r.items() if k != "config"} for r in rs]
-                                               for m, rs in done.items()}})
+    write_json(out / "table1.json", {"meta": meta, "data": data_summary, "methods": agg,
+                                     "runs": {m: [{k: v for k, v in r.items() if k != "config"} for r in rs]
+                                              for m, rs in done.items()}}, indent=2, default=str)
     (out / "table1.md").write_text(markdown(agg, meta))

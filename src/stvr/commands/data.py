@@ -87,8 +87,9 @@ def run_ava(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..data.ava import AVA_TIME_RANGE, load_label_split, write_annotations
-    from ..data.pairs import _write_json, build_dataset_root
+    from ..data.pairs import build_dataset_root
     from ..data.stats import format_stats
+    from ..utils import write_json
 
     out = Path(args.out)
     try:
@@ -103,8 +104,8 @@ def run_ava(args: argparse.Namespace) -> int:
             out.mkdir(parents=True, exist_ok=True)
             for name in ("train", "val"):
                 write_annotations(rows[name], out / "annotations" / f"{name}.csv")
-            _write_json({"val": [list(x) for x in split["val"]], "test": [list(x) for x in split["test"]]},
-                        out / "label_split.json", indent=1)
+            write_json(out / "label_split.json",
+                       {"val": [list(x) for x in split["val"]], "test": [list(x) for x in split["test"]]}, indent=1)
             train_ids = sorted({r.video_id for r in rows["train"]})
             val_ids = sorted({r.video_id for r in rows["val"]})
             videos, missing = {}, []
@@ -126,7 +127,7 @@ def run_ava(args: argparse.Namespace) -> int:
                 "train_videos": train_ids,
                 "val_videos": val_ids,
             }
-            _write_json(dataset, out / "dataset.json", indent=1)
+            write_json(out / "dataset.json", dataset, indent=1)
             steps.update(1)
             stats = build_dataset_root(out, seed=args.seed)
             steps.update(1)

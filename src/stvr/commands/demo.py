@@ -18,94 +18,17 @@ checkpoint of ``stvr relocalize``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+
+from ..experiments import (config_matches, device_name, evaluate_model, pct, prepare_data, run_config,
+                           test_dataset)
 
 DEMO_OUT = "runs/demo"
 DEMO_DATA = "data/synthetic"
-
-
-# --------------------------------------------------------------------------- shared with `stvr bench`
-
-
-def synth_config(overrides: Sequence[str] = ()):
-    """The generator's default :class:`stvr.data.synthetic.SynthConfig` with ``key=value`` overrides."""
-    from ..config import _coerce
-    from ..data.synthetic import SynthConfig
-
-    cfg = SynthConfig()
-    changes: dict[str, Any] = {}
-    names = {f.name for f in dataclasses.fields(cfg)}
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"--synth {item!r} is not of the form field=value")
-        key, value = (v.strip() for v in item.split("=", 1))
-        if key not in names:
-            raise ValueError(f"--synth: SynthConfig has no field {key!r}; fields: {', '.join(sorted(names))}")
-        changes[key] = _coerce(value, getattr(cfg, key))
-    return dataclasses.replace(cfg, **changes)
-
-
-def prepare_data(root: str | Path, overrides: Sequence[str] = (), progress: bool = True) -> dict:
-    """Generate (or reuse) the synthetic data set at ``root``; returns the generator's summary."""
-    from ..data.synthetic import generate_dataset
-
-    return generate_dataset(Path(root), synth_config(overrides), progress=progress)
-
-
-def run_config(preset_name: str, data_root: str | Path, seed: int, device: str,
-               overrides: Sequence[str] = ()):
-    """The ``preset_name`` config on ``data_root`` with ``train.seed``/``train.device`` and overrides."""
-    from ..config import apply_overrides, preset
-
-    cfg = apply_overrides(preset(preset_name), [f"data.root={data_root}", f"train.seed={seed}",
-                                                f"train.device={device}", *overrides])
-    return cfg
-
-
-def config_matches(run_dir: Path, cfg) -> bool:
-    """Whether ``run_dir/config.json`` holds exactly ``cfg`` (so its checkpoints can be resumed)."""
-    from ..config import config_to_dict
-
-    path = run_dir / "config.json"
-    if not path.exists():
-        return False
-    return json.loads(path.read_text()) == json.loads(json.dumps(config_to_dict(cfg)))
-
-
-def test_dataset(cfg, split: str = "test"):
-    """The :class:`EvalPairDataset` of ``cfg.data.root``'s ``split`` pairs (shared clip cache)."""
-    from ..data.dataset import EvalPairDataset
-    from ..data.video import ClipCache
-
-    root = Path(cfg.data.root)
-    cache = ClipCache(Path(cfg.data.cache) if cfg.data.cache else root / "cache",
-                      size=cfg.model.image_size, fps=cfg.data.fps)
-    return EvalPairDataset(root, split=split, image_size=cfg.model.image_size, cache=cache,
-                           data_cfg=cfg.data, clip_frames=cfg.model.clip_frames)
-
-
-def evaluate_model(model, dataset, device: str, detections_path: Path | None = None,
-                   progress: bool = True, video_ious: Sequence[float] | None = (0.2, 0.5)) -> dict:
-    """Predict ``dataset`` with ``model`` and evaluate; optionally save the detections."""
-    from ..predict import evaluate_detections, predict_pairs, save_detections
-
-    t0 = time.perf_counter()
-    failed: list[int] = []
-    dets = predict_pairs(model, dataset, device=device, progress=progress, failed=failed)
-    t_pred = time.perf_counter() - t0
-    if detections_path is not None:
-        save_detections(dets, detections_path)
-    res = evaluate_detections(dataset.pairs, dets, video_ious=video_ious)
-    ref_seconds = sum(int(p["reference"]["end"]) - int(p["reference"]["start"]) for p in dataset.pairs)
-    res.update({"predict_seconds": round(t_pred, 2), "reference_seconds": ref_seconds,
-                "failed_pairs": failed})
-    return res
 
 
 def training_processes(requested: int, device: str, batch_size: int) -> int:
@@ -118,17 +41,6 @@ def training_processes(requested: int, device: str, batch_size: int) -> int:
     if device.startswith("cuda") or (os.cpu_count() or 1) < 2 or batch_size % 2:
         return 1
     return 2
-
-
-def pct(x: float | None) -> str:
-    """A score in [0, 1] as a percentage with one decimal ("n/a" for None)."""
-    return "n/a" if x is None else f"{100 * x:.1f}"
-
-
-def resolve_device(name: str) -> str:
-    from .predict import resolve_device as _resolve
-
-    return _resolve(name)
 
 
 # --------------------------------------------------------------------------- the command
@@ -166,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     progress = not args.quiet
     out = Path(args.out)
-    device = resolve_device(args.device)
+    device = device_name(args.device)
     timings: dict[str, float] = {}
 
     print(f"[1/4] synthetic data set at {args.data}")
@@ -284,10 +196,11 @@ def make_figures(out: Path, cfg, model, dataset, device: str) -> dict[str, str]:
         figs["results"] = str(viz.figure_results(
             dataset.pairs_path, best, {"trained": out / "test_detections.json",
                                        "untrained": out / "test_detections_untrained.json"},
-            fig_dir / "results.png", root=root))
+            fig_dir / "results.png", root=root, fps=cfg.data.fps, clip_frames=cfg.model.clip_frames))
         if cfg.model.cell == "warp":
             ref = pairs[best]["reference"]
-            n_clips = min(6, 3 * (int(ref["end"]) - int(ref["start"])) - 1)
+            clips_per_second = cfg.data.fps // cfg.model.clip_frames
+            n_clips = min(6, clips_per_second * (int(ref["end"]) - int(ref["start"])) - 1)
             if n_clips >= 1:
                 video = resolve_video_path(root, load_dataset_json(root), ref["id"], cfg.data.videos)
                 figs["warp_grid"] = str(viz.figure_warp_grid(model, video, fig_dir / "warp_grid.png",

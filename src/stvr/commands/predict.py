@@ -7,15 +7,6 @@ import dataclasses
 from pathlib import Path
 
 
-def resolve_device(name: str) -> str:
-    """``"auto"`` -> ``"cuda"`` when available else ``"cpu"``; anything else unchanged."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="detections for every pair of a pair file",
                        description="Writes a detections JSON (API.md section 4: per pair, per "
@@ -45,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.video import ClipCache
     from ..predict import predict_pairs, save_detections
     from ..train import load_checkpoint
+    from ..utils import resolve_device
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -71,8 +71,9 @@ def default_checkpoint(run_dir: Path = DEMO_RUN) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..relocalize import relocalize, render_tubelets, resolve_device, save_result
+    from ..relocalize import relocalize, render_tubelets, save_result
     from ..train import load_checkpoint
+    from ..utils import resolve_device
 
     try:
         ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint()

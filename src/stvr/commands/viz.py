@@ -64,8 +64,8 @@ def _guard(fn):
 
 @_guard
 def run_warp_grid(args: argparse.Namespace) -> Path:
-    from ..relocalize import resolve_device
     from ..train import load_checkpoint
+    from ..utils import resolve_device
     from ..viz import figure_warp_grid
 
     if args.clips < 1:

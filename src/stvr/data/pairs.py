@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from ..utils import write_json
 from .ava import (
     Tubelet,
     evaluation_pairs,
@@ -46,16 +46,6 @@ __all__ = [
 ]
 
 _BOX_SLACK = 1e-4  # boxes up to this far outside [0, 1] are clipped, further is an error
-
-
-def _write_json(obj: Any, path: Path, indent: int | None = None) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=indent, separators=None if indent else (",", ":"))
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> Any:
@@ -195,7 +185,7 @@ def load_pairs(path: str | Path, box_order: str = "xyxy") -> list[dict]:
 def save_pairs(pairs: Sequence[dict], path: str | Path) -> None:
     """Validate ``pairs`` and write them in the object form (xyxy)."""
     path = Path(path)
-    _write_json(validate_pairs(list(pairs), str(path)), path)
+    write_json(path, validate_pairs(list(pairs), str(path)))
 
 
 # ----------------------------------------------------------------------------- tubelets
@@ -203,7 +193,7 @@ def save_pairs(pairs: Sequence[dict], path: str | Path) -> None:
 
 def save_tubelets(tubelets: Iterable[Tubelet], path: str | Path) -> None:
     """Write tubelets as ``[{"id", "person", "label", "seconds", "boxes"}, ...]``."""
-    _write_json([t.to_json() for t in tubelets], Path(path))
+    write_json(Path(path), [t.to_json() for t in tubelets])
 
 
 def load_tubelets(path: str | Path) -> list[Tubelet]:
@@ -334,5 +324,5 @@ def build_dataset_root(root: str | Path, seed: int = 0, strict: bool = True) -> 
     stats = compute_stats(train, pairs, split, label_names=names)
     stats["name"] = dataset.get("name", root.name)
     stats["seed"] = int(seed)
-    _write_json(stats, root / "stats.json", indent=1)
+    write_json(root / "stats.json", stats, indent=1)
     return stats

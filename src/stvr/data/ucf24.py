@@ -310,7 +310,8 @@ def write_ucf24_root(
     Returns:
         The statistics, plus ``"missing_videos"``: ids not found in ``videos_dir``.
     """
-    from .pairs import _write_json, build_dataset_root
+    from ..utils import write_json
+    from .pairs import build_dataset_root
 
     out = Path(out_root)
     ann = load_ucf24_annotations(annotation_path)
@@ -322,8 +323,8 @@ def write_ucf24_root(
     val_t = [t for t in tubes if t.label[0] not in train_cls]
     write_annotations(tubelet_rows(train_t), out / "annotations" / "train.csv")
     write_annotations(tubelet_rows(val_t), out / "annotations" / "val.csv")
-    _write_json({"val": [[c] for c in split["val"]], "test": [[c] for c in split["test"]],
-                 "train_classes": split["train"]}, out / "label_split.json", indent=1)
+    write_json(out / "label_split.json", {"val": [[c] for c in split["val"]], "test": [[c] for c in split["test"]],
+                                          "train_classes": split["train"]}, indent=1)
     videos: dict[str, str] = {}
     missing: list[str] = []
     if videos_dir is not None:
@@ -344,7 +345,7 @@ def write_ucf24_root(
         "val_videos": sorted({t.video_id for t in val_t}),
         "label_names": {str(c): UCF24_CLASSES[c] if 0 <= c < len(UCF24_CLASSES) else f"class {c}" for c in classes},
     }
-    _write_json(dataset, out / "dataset.json", indent=1)
+    write_json(out / "dataset.json", dataset, indent=1)
     stats = build_dataset_root(out, seed=seed)
     stats["missing_videos"] = missing
     return stats

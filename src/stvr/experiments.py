@@ -1,0 +1,103 @@
+"""Helpers of the experiment commands (``stvr demo``, ``stvr bench``): the synthetic
+data set with generator overrides, a preset config for one run, whether a run
+folder can be resumed, the test set of a config, and predict-then-evaluate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .utils import resolve_device
+
+__all__ = ["synth_config", "prepare_data", "run_config", "config_matches", "test_dataset",
+           "evaluate_model", "pct", "device_name"]
+
+
+def synth_config(overrides: Sequence[str] = ()):
+    """The generator's default :class:`stvr.data.synthetic.SynthConfig` with ``key=value`` overrides."""
+    from .config import coerce_value
+    from .data.synthetic import SynthConfig
+
+    cfg = SynthConfig()
+    changes: dict[str, Any] = {}
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--synth {item!r} is not of the form field=value")
+        key, value = (v.strip() for v in item.split("=", 1))
+        if key not in names:
+            raise ValueError(f"--synth: SynthConfig has no field {key!r}; fields: {', '.join(sorted(names))}")
+        changes[key] = coerce_value(value, getattr(cfg, key))
+    return dataclasses.replace(cfg, **changes)
+
+
+def prepare_data(root: str | Path, overrides: Sequence[str] = (), progress: bool = True) -> dict:
+    """Generate (or reuse) the synthetic data set at ``root``; returns the generator's summary."""
+    from .data.synthetic import generate_dataset
+
+    return generate_dataset(Path(root), synth_config(overrides), progress=progress)
+
+
+def run_config(preset_name: str, data_root: str | Path, seed: int, device: str,
+               overrides: Sequence[str] = ()):
+    """The ``preset_name`` config on ``data_root`` with ``train.seed``/``train.device`` and overrides."""
+    from .config import apply_overrides, preset
+
+    cfg = apply_overrides(preset(preset_name), [f"data.root={data_root}", f"train.seed={seed}",
+                                                f"train.device={device}", *overrides])
+    return cfg
+
+
+def config_matches(run_dir: Path, cfg) -> bool:
+    """Whether ``run_dir/config.json`` holds exactly ``cfg`` (so its checkpoints can be resumed)."""
+    from .config import config_to_dict
+
+    path = run_dir / "config.json"
+    if not path.exists():
+        return False
+    return json.loads(path.read_text()) == json.loads(json.dumps(config_to_dict(cfg)))
+
+
+def test_dataset(cfg, split: str = "test"):
+    """The :class:`EvalPairDataset` of ``cfg.data.root``'s ``split`` pairs (shared clip cache)."""
+    from .data.dataset import EvalPairDataset
+    from .data.video import ClipCache
+
+    root = Path(cfg.data.root)
+    cache = ClipCache(Path(cfg.data.cache) if cfg.data.cache else root / "cache",
+                      size=cfg.model.image_size, fps=cfg.data.fps)
+    return EvalPairDataset(root, split=split, image_size=cfg.model.image_size, cache=cache,
+                           data_cfg=cfg.data, clip_frames=cfg.model.clip_frames)
+
+
+def evaluate_model(model, dataset, device: str, detections_path: Path | None = None,
+                   progress: bool = True, video_ious: Sequence[float] | None = (0.2, 0.5)) -> dict:
+    """Predict ``dataset`` with ``model`` and evaluate; optionally save the detections."""
+    from .predict import evaluate_detections, predict_pairs, save_detections
+
+    t0 = time.perf_counter()
+    failed: list[int] = []
+    dets = predict_pairs(model, dataset, device=device, progress=progress, failed=failed)
+    t_pred = time.perf_counter() - t0
+    if detections_path is not None:
+        save_detections(dets, detections_path)
+    res = evaluate_detections(dataset.pairs, dets, video_ious=video_ious,
+                              clips_per_second=dataset.clips_per_second)
+    ref_seconds = sum(int(p["reference"]["end"]) - int(p["reference"]["start"]) for p in dataset.pairs)
+    res.update({"predict_seconds": round(t_pred, 2), "reference_seconds": ref_seconds,
+                "failed_pairs": failed})
+    return res
+
+
+def pct(x: float | None) -> str:
+    """A score in [0, 1] as a percentage with one decimal ("n/a" for None)."""
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def device_name(name: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when available else ``"cpu"``; other names as ``torch.device`` spells them."""
+    return str(resolve_device(name))
