@@ -290,3 +290,110 @@ def test_cli_data_adds_diagnostics(tmp_path, capsys):
     code = cli_main(["evaluate", str(pp), str(dp), "--data", str(tmp_path / "missing")])
     err = capsys.readouterr().err
     assert code == 2 and "annotations" in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- training validation
+def _tiny_val_set(n=2, seconds=1):
+    """Pairs of noise frames with a bright actor at BOX (the query's match) and actors elsewhere."""
+    import torch
+
+    from stvr.data.dataset import PairSample
+
+    S, box = 96, [0.25, 0.3, 0.6, 0.8]
+
+    class ValSet(torch.utils.data.Dataset):
+        clips_per_second = 3
+
+        def __init__(self):
+            self.pairs = [pair([[box]] * seconds, label=(1 + i % 2,), vid=f"r{i}", start=0) for i in range(n)]
+            self.actors = {(f"r{i}", s): [box, [0.0, 0.0, 0.2, 0.25], [0.7, 0.6, 0.95, 0.95]]
+                           for i in range(n) for s in range(seconds)}
+
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            clips = torch.rand(3 * seconds, 3, 8, S, S, generator=g) * 0.6 - 0.8
+            x1, y1, x2, y2 = (int(round(v * S)) for v in box)
+            clips[:, :, :, y1:y2, x1:x2] = 0.9
+            b = torch.tensor(box)
+            return PairSample(query_clips=clips[:3], query_boxes=b.repeat(3, 1), reference_clips=clips,
+                              gt_boxes=[b[None].clone() for _ in range(3 * seconds)],
+                              gt_labels=[torch.tensor([2]) for _ in range(3 * seconds)], pair_id=i)
+
+    return ValSet()
+
+
+def test_validate_reports_match_auc_and_actor_recall():
+    import torch
+
+    from stvr import train as T
+    from stvr.config import apply_overrides, preset
+    from stvr.model import STVRModel
+    from stvr.predict import predict_pairs
+
+    cfg = apply_overrides(preset("cpu"), ["model.image_size=96"])
+    torch.manual_seed(0)
+    model = STVRModel(cfg.model).eval()
+    val = _tiny_val_set()
+    scores = T.validate(model, val)
+    assert set(scores) == {"0.3", "0.5", "0.7", "match_auc", "actor_recall"}
+    dets = predict_pairs(model, val, progress=False)
+    want = match_diagnostics(val.pairs, dets, val.actors)
+    assert scores["actor_recall"] == pytest.approx(want["actor_recall"])
+    assert (math.isnan(scores["match_auc"]) and math.isnan(want["match_auc"])) \
+        or scores["match_auc"] == pytest.approx(want["match_auc"])
+    # without actors (no attribute, no dataset root) the two keys are left out
+    del val.actors
+    assert set(T.validate(model, val)) == {"0.3", "0.5", "0.7"}
+
+
+def test_validation_actors_from_the_dataset_root(tmp_path):
+    from stvr.train import validation_actors
+
+    root = write_root(tmp_path / "root")
+
+    class WithRoot:
+        pass
+
+    ds = WithRoot()
+    ds.root = root
+    assert validation_actors(ds) == load_actors(root) and ds.actors == load_actors(root)
+    ds2 = WithRoot()
+    ds2.root = tmp_path / "no-root"
+    assert validation_actors(ds2) is None
+
+
+def test_val_log_gets_the_diagnostics_columns(tmp_path):
+    import csv
+
+    from stvr import train as T
+
+    path = tmp_path / "val_log.csv"
+    path.write_text("step,mAP@0.3,mAP@0.5,mAP@0.7\n10,0.1,0.2,0.3\n")   # a log of an older version
+    logger = T._CsvLog(path, ["step", "mAP@0.3", "mAP@0.5", "mAP@0.7", *T.VAL_DIAGNOSTICS], append=True)
+    logger.write({"step": 20, "mAP@0.5": 0.4, "match_auc": 0.75, "actor_recall": 0.9})
+    rows = list(csv.DictReader(path.open()))
+    assert rows[0] == {"step": "10", "mAP@0.3": "0.1", "mAP@0.5": "0.2", "mAP@0.7": "0.3",
+                       "match_auc": "", "actor_recall": ""}
+    assert rows[1]["match_auc"] == "0.75" and rows[1]["actor_recall"] == "0.9"
+
+
+def test_training_logs_match_auc(tmp_path):
+    import csv
+
+    from stvr import train as T
+    from stvr.config import apply_overrides, preset
+
+    cfg = apply_overrides(preset("cpu"), ["model.image_size=96", "train.batch_size=2", "train.eval_every=2",
+                                          "train.checkpoint_every=2", "train.device=cpu",
+                                          "data.flip_probability=0"])
+    out = tmp_path / "run"
+    T.train(cfg, out, max_steps=2, train_set=_tiny_val_set(4), val_set=_tiny_val_set(2), progress=False)
+    rows = list(csv.DictReader((out / "val_log.csv").open()))
+    assert [r["step"] for r in rows] == ["2"]
+    assert set(T.VAL_DIAGNOSTICS) <= set(rows[0])
+    assert 0.0 <= float(rows[0]["actor_recall"]) <= 1.0
+    auc = float(rows[0]["match_auc"])
+    assert math.isnan(auc) or 0.0 <= auc <= 1.0

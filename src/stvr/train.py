@@ -400,7 +400,15 @@ def _restore_training_state(out_dir: Path, model: nn.Module, optimizer: torch.op
 class _CsvLog:
     def __init__(self, path: Path, fields: Sequence[str], append: bool):
         self.path, self.fields = path, list(fields)
-        if not (append and path.exists()):
+        if append and path.exists():
+            with path.open(newline="") as f:
+                rows = list(csv.reader(f))
+            if rows and rows[0] != self.fields:  # a log of an older version: same columns by name
+                old = rows[0]
+                with path.open("w", newline="") as f:
+                    csv.writer(f).writerows([self.fields] + [
+                        [dict(zip(old, r)).get(k, "") for k in self.fields] for r in rows[1:] if r])
+        else:
             with path.open("w", newline="") as f:
                 csv.writer(f).writerow(self.fields)
 
@@ -590,7 +598,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True,
               "grad_norm", "clips_per_second", "seconds"]
     main = dist_info.is_main
     tlog = _CsvLog(out / "train_log.csv", fields, append=resumed) if main else None
-    vlog = (_CsvLog(out / "val_log.csv", ["step", "mAP@0.3", "mAP@0.5", "mAP@0.7"],
+    vlog = (_CsvLog(out / "val_log.csv", ["step", "mAP@0.3", "mAP@0.5", "mAP@0.7", *VAL_DIAGNOSTICS],
                     append=resumed) if main and val_set is not None else None)
     tb = _tensorboard(out, start_step if resumed else None) if main else None
 
@@ -647,12 +655,15 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True,
             if improved:
                 best = {"map": m, "step": step}
             if main:
-                vlog.write({"step": step, **{f"mAP@{k}": v for k, v in scores.items()}})
+                columns = {(k if k in VAL_DIAGNOSTICS else f"mAP@{k}"): v for k, v in scores.items()}
+                vlog.write({"step": step, **columns})
                 if tb is not None:
-                    for k, v in scores.items():
-                        tb.add_scalar(f"val/mAP@{k}", v, step)
+                    for k, v in columns.items():
+                        tb.add_scalar(f"val/{k}", v, step)
                 if progress:
-                    bar.write(f"step {step}: validation frame-mAP@0.5 = {m:.4f}")
+                    diag = "".join(f", {k.replace('_', ' ')} {scores[k]:.3f}" for k in VAL_DIAGNOSTICS
+                                   if k in scores)
+                    bar.write(f"step {step}: validation frame-mAP@0.5 = {m:.4f}{diag}")
                 log.info("step %d: validation frame-mAP %s", step, scores)
                 if improved:
                     save_checkpoint(out, CHECKPOINT_BEST, model, None, cfg, step,
@@ -710,11 +721,45 @@ def _barrier(dist_info: DistInfo) -> None:
         dist.barrier()
 
 
+#: matching diagnostics logged at validation (stvr.evaluation.match_diagnostics), val_log.csv columns
+VAL_DIAGNOSTICS = ("match_auc", "actor_recall")
+
+
+def validation_actors(val_set: Any) -> dict | None:
+    """Every annotated actor of the validation pairs' dataset root
+    (:func:`stvr.evaluation.load_actors` of ``val_set.root``), read once and kept as
+    ``val_set.actors``; an ``actors`` attribute already there is used as is. None when
+    the dataset has no root with annotation files (or they cannot be read: warned)."""
+    actors = getattr(val_set, "actors", None)
+    if actors is not None:
+        return actors
+    root = getattr(val_set, "root", None)
+    if root is None or not any((Path(root) / "annotations" / f"{s}.csv").is_file() for s in ("train", "val")):
+        return None
+    from .evaluation import load_actors
+
+    try:
+        actors = load_actors(root, strict=False)
+    except (OSError, ValueError) as err:
+        log.warning("validation: no matching diagnostics, the annotations of %s cannot be read (%s)",
+                    root, err)
+        return None
+    try:
+        val_set.actors = actors
+    except AttributeError:
+        pass
+    return actors
+
+
 def validate(model: nn.Module, val_set: Dataset, device: torch.device | str = "cpu",
              dist_info: DistInfo | None = None, batch_size: int = 1) -> dict[str, float]:
-    """Frame-mAP of the validation pairs at IoU 0.3 / 0.5 / 0.7 -> ``{"0.3": m, "0.5": m, "0.7": m}``.
+    """Frame-mAP of the validation pairs at IoU 0.3 / 0.5 / 0.7 and the matching diagnostics
+    -> ``{"0.3": m, "0.5": m, "0.7": m, "match_auc": auc, "actor_recall": r}``.
 
     ``val_set`` must have a ``pairs`` attribute (as :class:`EvalPairDataset`).
+    ``match_auc`` and ``actor_recall`` (:func:`stvr.evaluation.match_diagnostics` at
+    IoU 0.5; NaN when undefined) need the actors of the pairs' dataset root
+    (:func:`validation_actors`); without them the two keys are left out.
     Under DDP every rank predicts every ``world_size``-th pair and the
     detections are gathered, so all ranks return the same scores.
     """
@@ -737,7 +782,14 @@ def validate(model: nn.Module, val_set: Dataset, device: torch.device | str = "c
         dets = full
     pairs = val_set.pairs  # type: ignore[attr-defined]
     res = frame_map_multi(pairs, dets, (0.3, 0.5, 0.7))
-    return {str(t): float(v["mAP"]) for t, v in res.items()}
+    scores = {str(t): float(v["mAP"]) for t, v in res.items()}
+    actors = validation_actors(val_set)
+    if actors is not None:
+        from .evaluation import match_diagnostics
+
+        diag = match_diagnostics(pairs, dets, actors, 0.5, chance_seeds=0)
+        scores.update({k: float(diag[k]) for k in VAL_DIAGNOSTICS})
+    return scores
 
 
 # --------------------------------------------------------------------------- several CPU processes
