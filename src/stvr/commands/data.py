@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -78,8 +79,8 @@ def _read_csv(path: Path, strict: bool):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rows = read_annotations(path, strict=strict)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
+    for w in caught:   # through the CLI's logging, like every other warning (-q hides them)
+        logging.getLogger("stvr.warnings").warning("%s", w.message)
     return rows, len(caught)
 
 
