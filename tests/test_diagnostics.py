@@ -397,3 +397,71 @@ def test_training_logs_match_auc(tmp_path):
     assert 0.0 <= float(rows[0]["actor_recall"]) <= 1.0
     auc = float(rows[0]["match_auc"])
     assert math.isnan(auc) or 0.0 <= auc <= 1.0
+
+
+# ----------------------------------------------------------------------------- demo and Table 1 tables
+def _fake_result(m05, auc, recall, chance=0.19):
+    return {"frame_mAP": {"0.3": m05 + 0.1, "0.5": m05, "0.7": None}, "video_mAP": {"0.2": 0.3, "0.5": None},
+            "diagnostics": {"actor_recall": recall, "match_auc": auc, "chance_mAP": chance}}
+
+
+def test_demo_results_table_has_diagnostics_and_a_chance_row():
+    from stvr.commands.demo import results_table
+
+    table = results_table({"warp LSTM, trained": _fake_result(0.4, 0.83, 0.95),
+                           "untrained (random init)": _fake_result(0.002, None, 0.1)})
+    lines = table.splitlines()
+    assert "actor recall" in lines[0] and "match AUC" in lines[0]
+    assert lines[2].endswith("| 40.0 | n/a | 30.0 | n/a | 95.0 | 0.83 |")
+    assert lines[3].endswith("| 10.0 | n/a |")
+    assert lines[4].startswith("| chance") and "| 19.0 |" in lines[4]
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+    # results without diagnostics (no annotations): n/a and no chance row
+    plain = results_table({"m": {"frame_mAP": {"0.5": 0.1}}})
+    assert plain.splitlines()[-1].endswith("| n/a | n/a |") and "chance" not in plain
+
+
+def test_table1_aggregates_match_auc_and_prints_the_chance_row():
+    from stvr.commands import bench
+
+    runs = {"warp": [dict(_fake_result(v, a, 0.9), seed=s) for s, v, a in ((0, 0.2, 0.6), (1, 0.4, 0.8))],
+            "clip": [dict(_fake_result(0.1, None, 0.5), seed=0)]}
+    agg = bench.aggregate(runs)
+    assert agg["warp"]["match_auc"]["mean"] == pytest.approx(0.7) and agg["warp"]["match_auc"]["n"] == 2
+    assert agg["warp"]["match_auc"]["per_seed"] == [0.6, 0.8]
+    assert agg["clip"]["match_auc"] == {"mean": None, "std": None, "n": 0, "per_seed": [None]}
+    assert agg["warp"]["actor_recall"]["mean"] == pytest.approx(0.9)
+    from stvr.experiments import chance_map
+
+    meta = {"data": "d", "test_pairs": 10, "test_labels": 3, "preset": "cpu", "steps": 5, "seeds": [0, 1],
+            "missing": [], "machine": "x", "run_seconds": 1.0,
+            "chance_mAP@0.5": chance_map(r for rs in runs.values() for r in rs)}
+    md = bench.markdown(agg, meta)
+    header = next(line for line in md.splitlines() if line.startswith("| Method"))
+    assert "match AUC" in header and "actor recall" in header
+    warp = next(line for line in md.splitlines() if line.startswith("| Warp LSTM"))
+    assert "| 0.70 ± 0.14 |" in warp and "| 90.0 ± 0.0 |" in warp
+    chance = next(line for line in md.splitlines() if line.startswith("| Chance"))
+    assert "| 19.0 |" in chance and chance.count("|") == header.count("|")
+    assert "- Warp LSTM: 20.0 [0.60], 40.0 [0.80]" in md
+    meta["chance_mAP@0.5"] = None
+    assert "| Chance" not in bench.markdown(agg, meta)
+
+
+def test_table1_adds_diagnostics_to_a_finished_run(tmp_path):
+    from stvr.commands import bench
+    from stvr.config import apply_overrides, preset
+
+    pairs, dets, actors = two_second_case(0.9, 0.2)
+
+    class FakeTestSet:
+        clips_per_second = 3
+
+    ds = FakeTestSet()
+    ds.pairs, ds.actors = pairs, actors
+    cfg = apply_overrides(preset("cpu"), [f"data.root={tmp_path}"])
+    save_detections(dets, tmp_path / "test_detections.json")
+    res = {"frame_mAP": {"0.5": 0.5}}
+    bench._add_diagnostics(res, tmp_path, cfg, {(cfg.model.image_size, cfg.data.root): ds})
+    assert res["diagnostics"] == pytest.approx(match_diagnostics(pairs, dets, actors))
+    assert json.loads((tmp_path / "results.json").read_text())["diagnostics"] == res["diagnostics"]

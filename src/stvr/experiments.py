@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from .utils import resolve_device
 
 __all__ = ["synth_config", "prepare_data", "run_config", "config_matches", "test_dataset",
-           "evaluate_model", "pct", "device_name"]
+           "evaluate_model", "pct", "auc_text", "chance_map", "device_name"]
 
 
 def synth_config(overrides: Sequence[str] = ()):
@@ -76,8 +76,13 @@ def test_dataset(cfg, split: str = "test"):
 
 def evaluate_model(model, dataset, device: str, detections_path: Path | None = None,
                    progress: bool = True, video_ious: Sequence[float] | None = (0.2, 0.5)) -> dict:
-    """Predict ``dataset`` with ``model`` and evaluate; optionally save the detections."""
+    """Predict ``dataset`` with ``model`` and evaluate; optionally save the detections.
+
+    With the annotations of the dataset's root (:func:`stvr.train.validation_actors`,
+    read once per dataset), the result has ``"diagnostics"``: actor recall, match AUC
+    and chance frame-mAP (:func:`stvr.evaluation.match_diagnostics`)."""
     from .predict import evaluate_detections, predict_pairs, save_detections
+    from .train import validation_actors
 
     t0 = time.perf_counter()
     failed: list[int] = []
@@ -86,7 +91,8 @@ def evaluate_model(model, dataset, device: str, detections_path: Path | None = N
     if detections_path is not None:
         save_detections(dets, detections_path)
     res = evaluate_detections(dataset.pairs, dets, video_ious=video_ious,
-                              clips_per_second=dataset.clips_per_second)
+                              clips_per_second=dataset.clips_per_second,
+                              actors=validation_actors(dataset))
     ref_seconds = sum(int(p["reference"]["end"]) - int(p["reference"]["start"]) for p in dataset.pairs)
     res.update({"predict_seconds": round(t_pred, 2), "reference_seconds": ref_seconds,
                 "failed_pairs": failed})
@@ -96,6 +102,20 @@ def evaluate_model(model, dataset, device: str, detections_path: Path | None = N
 def pct(x: float | None) -> str:
     """A score in [0, 1] as a percentage with one decimal ("n/a" for None)."""
     return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def auc_text(x: float | None) -> str:
+    """A ROC AUC with two decimals ("n/a" for None)."""
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def chance_map(results: Any) -> float | None:
+    """The chance frame-mAP@0.5 (``["diagnostics"]["chance_mAP"]``) of the first result that has one."""
+    for r in results:
+        value = (r.get("diagnostics") or {}).get("chance_mAP")
+        if value is not None:
+            return value
+    return None
 
 
 def device_name(name: str) -> str:

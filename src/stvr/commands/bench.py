@@ -5,7 +5,11 @@ Every method is the same matching network with a different recurrent layer
 Flow = ``flow`` (ConvLSTM whose state is warped by optical flow), TrajLSTM =
 ``traj``, Warp LSTM = ``warp``. All are trained with the same preset, data,
 number of steps and seeds, and evaluated on the test pairs with the official
-frame-mAP (IoU 0.3 / 0.5 / 0.7; 0.5 is the paper's headline) and video-mAP.
+frame-mAP (IoU 0.3 / 0.5 / 0.7; 0.5 is the paper's headline), video-mAP and
+the matching diagnostics (actor recall and match AUC per method; a chance row:
+frame-mAP@0.5 of every annotated actor's exact box with random scores, see
+:func:`stvr.evaluation.match_diagnostics`). A finished run without diagnostics
+gets them from its saved test detections (no retraining).
 
 Runs live in ``<runs>/<method>-seed<k>/`` (checkpoints, logs and the run's
 ``results.json``). A run whose ``results.json`` matches the requested config is
@@ -26,8 +30,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..experiments import (config_matches, device_name, evaluate_model, pct, prepare_data, run_config,
-                           test_dataset)
+from ..experiments import (chance_map, config_matches, device_name, evaluate_model, pct, prepare_data,
+                           run_config, test_dataset)
 from ..utils import write_json
 
 # method key -> (paper name, model.cell, paper Table 1 frame-mAP@0.5 on AVA, on UCF-101-24)
@@ -93,6 +97,8 @@ def run_one(method: str, seed: int, args: argparse.Namespace, steps: int | None,
     cfg_dict = json.loads(json.dumps(config_to_dict(cfg)))
     done = _read_json(run_dir / "results.json")
     if done is not None and done.get("config") == cfg_dict:
+        if "diagnostics" not in done:     # a run finished before the diagnostics existed
+            _add_diagnostics(done, run_dir, cfg, dataset_cache)
         return done
     resume = config_matches(run_dir, cfg)
     t0 = time.perf_counter()
@@ -115,6 +121,29 @@ def run_one(method: str, seed: int, args: argparse.Namespace, steps: int | None,
     return res
 
 
+def _add_diagnostics(res: dict, run_dir: Path, cfg, dataset_cache: dict) -> None:
+    """Add ``"diagnostics"`` (:func:`stvr.evaluation.match_diagnostics`) to a finished run's
+    results from its saved test detections, without retraining; the run's ``results.json``
+    is rewritten. Nothing happens without detections or annotations."""
+    from ..evaluation import match_diagnostics
+    from ..predict import load_detections
+    from ..train import validation_actors
+
+    path = run_dir / "test_detections.json"
+    if not path.exists():
+        return
+    key = (cfg.model.image_size, cfg.data.root)
+    if key not in dataset_cache:
+        dataset_cache[key] = test_dataset(cfg)
+    dataset = dataset_cache[key]
+    actors = validation_actors(dataset)
+    if actors is None:
+        return
+    diag = match_diagnostics(dataset.pairs, load_detections(path), actors, 0.5, dataset.clips_per_second)
+    res["diagnostics"] = {k: (float(v) if math.isfinite(v) else None) for k, v in diag.items()}
+    write_json(run_dir / "results.json", res, indent=2, default=str)
+
+
 def _stats(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:
     """(mean, sample std (ddof 1; 0 for one value), count) of the finite values."""
     v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
@@ -126,7 +155,9 @@ def _stats(values: Sequence[float | None]) -> tuple[float | None, float | None, 
 
 
 def aggregate(results: dict[str, list[dict]]) -> dict[str, dict]:
-    """Per method: mean/std/n over seeds of frame-mAP at 0.3/0.5/0.7 and video-mAP at 0.2/0.5."""
+    """Per method: mean/std/n over seeds of frame-mAP at 0.3/0.5/0.7, video-mAP at 0.2/0.5,
+    match AUC and actor recall (``"match_auc"``, ``"actor_recall"``; from each run's
+    ``"diagnostics"``)."""
     agg: dict[str, dict] = {}
     for method, runs in results.items():
         name, cell, ava, ucf = METHODS[method]
@@ -137,6 +168,10 @@ def aggregate(results: dict[str, list[dict]]) -> dict[str, dict]:
                 m, s, n = _stats([r.get(kind, {}).get(t) for r in runs])
                 entry[f"{kind}@{t}"] = {"mean": m, "std": s, "n": n,
                                         "per_seed": [r.get(kind, {}).get(t) for r in runs]}
+        for k in ("match_auc", "actor_recall"):
+            per_seed = [(r.get("diagnostics") or {}).get(k) for r in runs]
+            m, s, n = _stats(per_seed)
+            entry[k] = {"mean": m, "std": s, "n": n, "per_seed": per_seed}
         agg[method] = entry
     return agg
 
@@ -147,8 +182,16 @@ def _cell(e: dict) -> str:
     return f"{100 * e['mean']:.1f} ± {100 * e['std']:.1f}" if e["n"] > 1 else f"{100 * e['mean']:.1f}"
 
 
+def _auc_cell(e: dict) -> str:
+    if e["mean"] is None:
+        return "n/a"
+    return f"{e['mean']:.2f} ± {e['std']:.2f}" if e["n"] > 1 else f"{e['mean']:.2f}"
+
+
 def markdown(agg: dict[str, dict], meta: dict) -> str:
-    """Table 1 in Markdown: one row per method, frame-mAP@0.5 first (percent, mean ± std)."""
+    """Table 1 in Markdown: one row per method, frame-mAP@0.5 first (percent, mean ± std),
+    actor recall (percent) and match AUC; a last row with the chance frame-mAP@0.5
+    (``meta["chance_mAP@0.5"]``: every annotated actor's exact box with random scores)."""
     lines = [
         "# Table 1 on the synthetic benchmark",
         "",
@@ -159,16 +202,30 @@ def markdown(agg: dict[str, dict], meta: dict) -> str:
         "mean ± sample standard deviation over seeds. The paper's numbers (frame-mAP@0.5 on AVA and "
         "UCF-101-24) are given for the shape of the comparison only; the data differ.",
         "",
-        "| Method | frame-mAP@0.5 | frame-mAP@0.3 | frame-mAP@0.7 | video-mAP@0.5 | runs | paper AVA | paper UCF-101-24 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| Method | frame-mAP@0.5 | frame-mAP@0.3 | frame-mAP@0.7 | video-mAP@0.5 | actor recall | match AUC "
+        "| runs | paper AVA | paper UCF-101-24 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    na = {"mean": None, "std": None, "n": 0, "per_seed": []}
     for e in agg.values():
         lines.append(f"| {e['method']} | {_cell(e['frame_mAP@0.5'])} | {_cell(e['frame_mAP@0.3'])} | "
                      f"{_cell(e['frame_mAP@0.7'])} | {_cell(e['video_mAP@0.5'])} | "
+                     f"{_cell(e.get('actor_recall', na))} | {_auc_cell(e.get('match_auc', na))} | "
                      f"{e['frame_mAP@0.5']['n']} | {e['paper_ava_map@0.5']:.1f} | {e['paper_ucf24_map@0.5']:.1f} |")
-    lines += ["", "Per seed, frame-mAP@0.5 (%):", ""]
+    chance = meta.get("chance_mAP@0.5")
+    if chance is not None:
+        lines.append(f"| Chance (every actor's exact box, random scores) | {100 * chance:.1f} | | | | 100.0 "
+                     "| ~0.50 | | | |")
+    lines += ["", "Match AUC: ROC AUC with which the scores of the detections covering an annotated actor "
+              "rank the actors of the query's action above the other actors (0.5: a detector that does "
+              "not match); actor recall: share of annotated actors covered at IoU >= 0.5; chance: "
+              "frame-mAP@0.5 of every annotated actor's exact box with uniform random scores "
+              "(mean of 3 seeds), the floor a matcher must clear (stvr.evaluation.match_diagnostics).",
+              "", "Per seed, frame-mAP@0.5 (%) [match AUC]:", ""]
     for e in agg.values():
-        vals = ", ".join("n/a" if v is None else f"{100 * v:.1f}" for v in e["frame_mAP@0.5"]["per_seed"])
+        aucs = e.get("match_auc", na)["per_seed"] or [None] * len(e["frame_mAP@0.5"]["per_seed"])
+        vals = ", ".join(("n/a" if v is None else f"{100 * v:.1f}") + ("" if a is None else f" [{a:.2f}]")
+                         for v, a in zip(e["frame_mAP@0.5"]["per_seed"], aucs))
         lines.append(f"- {e['method']}: {vals} (seeds {', '.join(map(str, e['seeds']))})")
     if meta.get("missing"):
         lines += ["", f"Not finished yet: {', '.join(meta['missing'])}."]
@@ -241,7 +298,8 @@ def _write_tables(out: Path, results: dict[str, list[dict]], args: argparse.Name
             "preset": args.preset, "steps": steps, "seeds": list(args.seeds), "missing": missing,
             "overrides": list(args.overrides), "synth": list(args.synth),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {threads}",
-            "run_seconds": run_seconds}
+            "run_seconds": run_seconds,
+            "chance_mAP@0.5": chance_map(r for rs in done.values() for r in rs)}
     write_json(out / "table1.json", {"meta": meta, "data": data_summary, "methods": agg,
                                      "runs": {m: [{k: v for k, v in r.items() if k != "config"} for r in rs]
                                               for m, rs in done.items()}}, indent=2, default=str)

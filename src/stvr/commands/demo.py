@@ -6,8 +6,9 @@
    finished run of the same config is reused);
 3. predict the test pairs with the trained model and with the untrained model
    (the same random initialisation, same seed) and evaluate both: frame-mAP at
-   IoU 0.3 / 0.5 / 0.7 (the official protocol) and video-mAP of linked tubes at
-   0.2 / 0.5;
+   IoU 0.3 / 0.5 / 0.7 (the official protocol), video-mAP of linked tubes at
+   0.2 / 0.5, and the matching diagnostics (actor recall, match AUC; a chance
+   row: frame-mAP@0.5 of every annotated actor's exact box with random scores);
 4. print a table, write ``<out>/results.json``, the test detections and figures
    (training curves, label distribution, Figure 7 warped grid, Figure 8 results).
 
@@ -24,8 +25,8 @@ import os
 import time
 from pathlib import Path
 
-from ..experiments import (config_matches, device_name, evaluate_model, pct, prepare_data, run_config,
-                           test_dataset)
+from ..experiments import (auc_text, chance_map, config_matches, device_name, evaluate_model, pct,
+                           prepare_data, run_config, test_dataset)
 
 DEMO_OUT = "runs/demo"
 DEMO_DATA = "data/synthetic"
@@ -160,13 +161,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def results_table(results: dict[str, dict]) -> str:
-    """Markdown table: frame-mAP at 0.3 / 0.5 / 0.7 and video-mAP at 0.2 / 0.5 (percent)."""
-    lines = ["| model | frame-mAP@0.3 | frame-mAP@0.5 | frame-mAP@0.7 | video-mAP@0.2 | video-mAP@0.5 |",
-             "|---|---:|---:|---:|---:|---:|"]
+    """Markdown table: frame-mAP at 0.3 / 0.5 / 0.7, video-mAP at 0.2 / 0.5 (percent), actor
+    recall (percent) and match AUC (``r["diagnostics"]``, :func:`stvr.evaluation.match_diagnostics`),
+    and a last row with the chance frame-mAP@0.5 of the same pairs (every annotated actor's
+    exact box with random scores: the floor a matcher must clear)."""
+    lines = ["| model | frame-mAP@0.3 | frame-mAP@0.5 | frame-mAP@0.7 | video-mAP@0.2 | video-mAP@0.5 "
+             "| actor recall | match AUC |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
-        fm, vm = r["frame_mAP"], r.get("video_mAP", {})
+        fm, vm, diag = r["frame_mAP"], r.get("video_mAP") or {}, r.get("diagnostics") or {}
         lines.append(f"| {name} | {pct(fm.get('0.3'))} | {pct(fm.get('0.5'))} | {pct(fm.get('0.7'))} | "
-                     f"{pct(vm.get('0.2'))} | {pct(vm.get('0.5'))} |")
+                     f"{pct(vm.get('0.2'))} | {pct(vm.get('0.5'))} | {pct(diag.get('actor_recall'))} | "
+                     f"{auc_text(diag.get('match_auc'))} |")
+    chance = chance_map(results.values())
+    if chance is not None:
+        lines.append(f"| chance (every actor's exact box, random scores) | | {pct(chance)} | | | | 100.0 | ~0.50 |")
     return "\n".join(lines)
 
 
