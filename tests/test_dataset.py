@@ -240,6 +240,38 @@ def test_bad_video_is_skipped_counted_and_replaced(root, caplog):
         everything_bad[0]
 
 
+class CorruptFileCache(FakeCache):
+    """FakeCache frames, except video "bad", which is decoded for real from its (corrupt) file."""
+
+    def __init__(self, cache_dir):
+        super().__init__(bad=())
+        self.cache_dir = cache_dir
+
+    def frames(self, video_id, path, start_second, end_second):
+        if video_id == "bad":
+            from stvr.data.video import ClipCache
+
+            return ClipCache(self.cache_dir, size=S, fps=FPS).frames(video_id, path, start_second, end_second)
+        return super().frames(video_id, path, start_second, end_second)
+
+
+def test_failures_with_loader_workers_are_counted_in_the_main_process(root, tmp_path):
+    (root / "videos").mkdir()
+    (root / "videos" / "bad.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video" * 40)
+    counts = {}
+    for workers in (0, 2):
+        ds = TrainPairDataset(root, _cfg(root), image_size=S, cache=CorruptFileCache(tmp_path / f"c{workers}"))
+        loader = DataLoader(ds, batch_size=2, shuffle=False, num_workers=workers, collate_fn=collate_pairs)
+        failures = [f for batch in loader for f in batch.failures]
+        assert failures and all("bad" in msg for _, msg in failures)
+        # the dataset's own list is per process: complete without workers, empty in the main process with them
+        assert ds.num_failures == (len(failures) if workers == 0 else 0)
+        counts[workers] = sorted(failures)
+    assert counts[2] == counts[0]
+    bad = [i for i, t in enumerate(ds.tubelets) if t.video_id == "bad"]
+    assert sorted({i for i, _ in counts[0]}) == bad
+
+
 def test_eval_dataset(root):
     pairs = P.load_pairs(root / "pairs" / "test.json")
     for source in (root, root / "pairs" / "test.json"):

@@ -219,6 +219,28 @@ def test_learning_rate_schedule_momentum_and_gradient_clipping(tmp_path):
 # --------------------------------------------------------------------------- predict
 
 
+class ReplacedPairs(PairsInMemory):
+    """Items in ``fail`` "failed to load" and were replaced by the next item, the way
+    TrainPairDataset replaces a sample whose video cannot be decoded (the failure
+    travels with the sample)."""
+
+    def __getitem__(self, i: int):
+        if i in self.fail:
+            sample = super().__getitem__((i + 1) % self.n)
+            sample.failures = [(int(i), "VideoError: corrupt.mp4: invalid data")]
+            return sample
+        return super().__getitem__(i)
+
+
+@pytest.mark.slow
+def test_failed_samples_counted_with_loader_workers(tmp_path):
+    # 4 items, batch 2, 2 steps = one epoch: item 1 fails once, item 3 once
+    for workers in (0, 2):
+        summary = T.train(_cfg(f"data.num_workers={workers}"), tmp_path / f"w{workers}", max_steps=2,
+                          train_set=ReplacedPairs(4, fail=(1, 3)), progress=False)
+        assert summary["failed_samples"] == 2 and summary["skipped_batches"] == 0
+
+
 def test_predict_counts_failed_pairs_and_keeps_their_clips(tmp_path):
     cfg = _cfg("model.cell=conv")
     T.train(cfg, tmp_path / "run", max_steps=1, train_set=PairsInMemory(4), progress=False)

@@ -528,8 +528,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True,
     Per step: learning rate ``learning_rate(step, ...)``, forward (loss dict),
     backward, gradient-norm clipping at ``train.grad_clip_norm``, SGD update.
     Every ``train.log_every`` steps a row of ``train_log.csv``; every
-    ``train.eval_every`` steps (> 0) validation frame-mAP at IoU 0.3/0.5/0.7
-    (``val_log.csv``; ``best.*`` kept for the best mAP@0.5); every
+    ``train.eval_every`` steps (> 0) validation frame-mAP at IoU 0.3/0.5/0.7, match
+    AUC and actor recall (``val_log.csv``; ``best.*`` kept for the best mAP@0.5); every
     ``train.checkpoint_every`` steps and at the end ``last.*``.
 
     Returns ``{"step", "loss", "best_val_map", "best_step", "seconds",
@@ -605,6 +605,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True,
     model.train()
     step, loss_value, t0 = start_step, float("nan"), time.perf_counter()
     clips_seen, window_t, window_clips, skipped = 0, time.perf_counter(), 0, 0
+    failures = 0   # counted here, from the batches: loader workers' dataset copies never report back
     bar = tqdm(total=end_step, initial=start_step, disable=not (progress and main),
                desc="train", dynamic_ncols=True)
     for batch in loader:
@@ -612,12 +613,14 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True,
         for group in optimizer.param_groups:
             group["lr"] = lr
         step += 1
-        if batch is None:  # every sample of the batch failed to load (counted by the dataset)
+        if batch is None:  # every sample of the batch failed to load
             if dist_info.world_size > 1:
                 raise RuntimeError(f"step {step}: no sample of this rank's batch could be loaded")
             skipped += 1
+            failures += tc.batch_size
             log.warning("step %d: skipped, no sample of the batch could be loaded", step)
         else:
+            failures += len(batch.failures)
             batch = batch.to(device, non_blocking=True)
             losses = model(batch)
             optimizer.zero_grad(set_to_none=True)
@@ -682,7 +685,6 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True,
         tb.close()
     _barrier(dist_info)
     elapsed = time.perf_counter() - t0
-    failures = getattr(train_set, "num_failures", 0)
     if skipped or failures:
         log.warning("training: %d sample(s) failed to load, %d step(s) skipped", failures, skipped)
     return {

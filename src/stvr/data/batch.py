@@ -48,6 +48,11 @@ class PairBatch:
             normalized by (the official code pads every training reference to
             ``reference_seconds * 3`` clips and divides by ``B * 6``); ``None``
             means L. Padded clips are never run through the network for it.
+        failures: ``(dataset index, error)`` of every sample that failed to load
+            on the way to this batch (replaced or dropped; index -1 when unknown).
+            It travels with the batch so the main process counts failures that
+            happened in DataLoader workers, whose copies of the dataset (and of
+            its ``failures`` list) the main process never sees.
     """
 
     query_clips: Tensor
@@ -60,6 +65,7 @@ class PairBatch:
     pair_ids: list[int] = field(default_factory=list)
     flows: Tensor | None = None
     loss_clips: int | None = None
+    failures: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
@@ -79,6 +85,7 @@ class PairBatch:
             pair_ids=list(self.pair_ids),
             flows=None if self.flows is None else mv(self.flows),
             loss_clips=self.loss_clips,
+            failures=list(self.failures),
         )
 
     def pin_memory(self) -> "PairBatch":
@@ -95,4 +102,5 @@ class PairBatch:
             pair_ids=list(self.pair_ids),
             flows=None if self.flows is None else pin(self.flows),
             loss_clips=self.loss_clips,
+            failures=list(self.failures),
         )

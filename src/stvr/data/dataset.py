@@ -62,6 +62,10 @@ class PairSample:
         gt_labels: ``Nr`` tensors ``[n]`` int64 in {1, 2}.
         pair_id: index of the item (tubelet index / pair index).
         info: provenance (video ids, seconds, flips) for debugging and tests.
+        failures: ``(index, error)`` of the items that failed to load before this
+            one replaced them (``TrainPairDataset``); :func:`collate_pairs` puts
+            them into the batch, so they are counted in the main process even
+            when a DataLoader worker loaded the sample.
     """
 
     query_clips: Tensor
@@ -71,6 +75,7 @@ class PairSample:
     gt_labels: list[Tensor]
     pair_id: int
     info: dict = field(default_factory=dict)
+    failures: list[tuple[int, str]] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -133,11 +138,15 @@ class _VideoSource:
         """Number of samples skipped because their video could not be loaded."""
         return len(self.failures)
 
-    def _record_failure(self, index: int, err: BaseException) -> None:
+    def _record_failure(self, index: int, err: BaseException) -> tuple[int, str]:
+        """Count and log a failed load in this process's copy of the dataset (a loader
+        worker's copy is not the main process's: the returned ``(index, message)`` is
+        passed on with the sample or batch for the main process to count)."""
         msg = f"{type(err).__name__}: {err}"
         self.failures.append((int(index), msg))
         log.warning("%s: skipped sample %d (%s); %d skipped so far",
                     type(self).__name__, index, msg, len(self.failures))
+        return int(index), msg
 
     def _frames(self, video_id: str, start: int, end: int) -> np.ndarray:
         path = resolve_video_path(self.root, self.dataset_info, video_id, self.videos_dir)
@@ -283,12 +292,16 @@ class TrainPairDataset(_VideoSource, Dataset):
             raise IndexError(f"index {i} out of range for {len(self)} training tubelets")
         retry = self._rng(i, 1)
         j = i
+        failed: list[tuple[int, str]] = []
         for _ in range(self.max_retries + 1):
             try:
-                return self._load(j)
+                sample = self._load(j)
             except SAMPLE_ERRORS as err:
-                self._record_failure(j, err)
+                failed.append(self._record_failure(j, err))
                 j = int(retry.integers(len(self)))
+            else:
+                sample.failures = failed
+                return sample
         raise RuntimeError(
             f"TrainPairDataset: {self.max_retries + 1} samples in a row failed to load "
             f"(last: {self.failures[-1][1]}); check the videos of {self.root}"
@@ -387,7 +400,9 @@ def collate_pairs(samples: Sequence[PairSample | None], loss_clips: int | None =
     the sample in the batch); references are zero-padded at the end to the
     longest one with ``reference_mask``; padded clips get empty ground truth.
     ``None`` samples (failed loads) are dropped with a warning; returns ``None``
-    when no sample is left.
+    when no sample is left. ``PairBatch.failures`` lists the failures of the
+    batch: those carried by the samples (replaced items) and one ``(-1, ...)``
+    per dropped ``None``.
     """
     kept = [s for s in samples if s is not None]
     if len(kept) < len(samples):
@@ -426,4 +441,6 @@ def collate_pairs(samples: Sequence[PairSample | None], loss_clips: int | None =
         gt_labels=gt_labels,
         pair_ids=[int(s.pair_id) for s in kept],
         loss_clips=loss_clips,
+        failures=[f for s in kept for f in s.failures]
+        + [(-1, "the sample could not be loaded")] * (len(samples) - len(kept)),
     )
