@@ -238,8 +238,10 @@ def test_box_parsing_and_validation(tmp_path):
     with pytest.raises(ValueError, match="4 numbers"):
         R.parse_box("1,2,3")
     np.testing.assert_allclose(R.normalize_boxes([10, 5, 50, 25], 100, 50), [[0.1, 0.1, 0.5, 0.5]])
-    np.testing.assert_allclose(R.normalize_boxes([0.5, 0.5, 1, 1], 100, 50, units="pixels"),
-                               [[0.005, 0.01, 0.01, 0.02]])
+    np.testing.assert_allclose(R.normalize_boxes([0.5, 0.5, 10, 10], 100, 50, units="pixels"),
+                               [[0.005, 0.01, 0.1, 0.2]])
+    with pytest.raises(ValueError, match="--box-units px"):  # sub-pixel boxes are refused (issue 12)
+        R.normalize_boxes([0.5, 0.5, 1, 1], 100, 50, units="pixels")
     with pytest.raises(ValueError, match="outside the 100x50 frame"):
         R.normalize_boxes([10, 5, 150, 25], 100, 50)
     with pytest.raises(ValueError, match="x1 < x2"):

@@ -589,13 +589,17 @@ def _actor_table(actors: Any, keys: Sequence[tuple[str, int]]) -> tuple[np.ndarr
             if b.ndim != 2 or b.shape[1] != 4:
                 raise ValueError(f"actors[{key!r}]: expected a list of [x1, y1, x2, y2] boxes, "
                                  f"got shape {b.shape}")
-            _check_boxes(b, f"actors[{key!r}]")
             entry = (total, b.shape[0])
             seen[key] = entry
             blocks.append(b)
             total += b.shape[0]
         starts[s], counts[s] = entry
     boxes = np.concatenate(blocks) if blocks else np.zeros((0, 4))
+    bad = ~np.all(np.isfinite(boxes), axis=1) | (boxes[:, 0] > boxes[:, 2]) | (boxes[:, 1] > boxes[:, 3])
+    if np.any(bad):  # name the (video, second) of the first bad box
+        row = int(np.argmax(bad))
+        key = next(k for k, (a, n) in seen.items() if a <= row < a + n)
+        _check_boxes(boxes[row : row + 1], f"actors[{key!r}]")
     return starts, counts, boxes
 
 

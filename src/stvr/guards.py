@@ -54,14 +54,23 @@ def install_signal_handlers() -> None:
         pass
 
 
-def default_file_mode() -> int:
-    """``0o666 & ~umask``: the mode ``open(path, "w")`` gives a new file."""
+def _umask() -> int:
     global _MODE
     if _MODE is None:
         mask = os.umask(0o022)
         os.umask(mask)
-        _MODE = 0o666 & ~mask
+        _MODE = mask
     return _MODE
+
+
+def default_file_mode() -> int:
+    """``0o666 & ~umask``: the mode ``open(path, "w")`` gives a new file."""
+    return 0o666 & ~_umask()
+
+
+def default_dir_mode() -> int:
+    """``0o777 & ~umask``: the mode ``mkdir`` gives a new folder (``mkdtemp`` gives 0700)."""
+    return 0o777 & ~_umask()
 
 
 def apply_default_mode(path: str | os.PathLike) -> None:

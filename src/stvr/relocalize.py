@@ -48,6 +48,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .guards import check_input_file
 from .utils import atomic_write, resolve_device
 
 __all__ = [
@@ -72,6 +73,10 @@ MODEL_FPS = 24
 CLIP_FRAMES = 8
 CLIPS_PER_SECOND = MODEL_FPS // CLIP_FRAMES
 _EPS = 1e-6
+#: smallest query box side (pixels of the query frame) that is accepted
+MIN_BOX_PIXELS = 2.0
+#: short names of the box units accepted on the command line
+BOX_UNIT_ALIASES = {"px": "pixels", "norm": "normalized"}
 _NUMBER_LIST = re.compile(r"\[\s*((?:-?[\d.eE+-]+|null|NaN|-?Infinity)(?:,\s*(?:-?[\d.eE+-]+|null|NaN|-?Infinity))*)\s*\]")
 
 # tab10 in RGB: one colour per tubelet rank
@@ -169,7 +174,8 @@ def load_box_file(path: str | Path) -> tuple[list[tuple[float, list[float]]], st
 
 
 def normalize_boxes(boxes: Any, width: int, height: int, units: str = "auto",
-                    where: str = "box", tolerance: float = 1e-3) -> np.ndarray:
+                    where: str = "box", tolerance: float = 1e-3,
+                    min_pixels: float = MIN_BOX_PIXELS) -> np.ndarray:
     """Check boxes and return them normalized.
 
     Args:
@@ -179,13 +185,17 @@ def normalize_boxes(boxes: Any, width: int, height: int, units: str = "auto",
             coordinate exceeds 1, else normalized; decided for all boxes together).
         where: what to name in error messages (argument or file).
         tolerance: slack (in normalized units) for boxes touching the border.
+        min_pixels: smallest box side in pixels of the frame; a smaller box is
+            refused with a message on how the units were decided (a box like
+            ``1.2,1.3,1.5,1.9`` meant as normalized is otherwise a sub-pixel box).
 
     Returns float64 ``[N, 4]`` normalized boxes clipped to [0, 1].
     Raises ValueError when ``x1 >= x2`` or ``y1 >= y2`` or a box lies outside the frame.
     """
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    units = BOX_UNIT_ALIASES.get(units, units)
     if units not in ("auto", "normalized", "pixels"):
-        raise ValueError(f"{where}: units must be 'auto', 'normalized' or 'pixels', got {units!r}")
+        raise ValueError(f"{where}: units must be 'auto', 'normalized' (norm) or 'pixels' (px), got {units!r}")
     if not np.all(np.isfinite(b)):
         raise ValueError(f"{where}: boxes must be finite")
     bad = ~((b[:, 0] < b[:, 2]) & (b[:, 1] < b[:, 3]))
@@ -204,6 +214,18 @@ def normalize_boxes(boxes: Any, width: int, height: int, units: str = "auto",
     b = np.clip(b, 0.0, 1.0)
     if np.any((b[:, 2] - b[:, 0] <= 0) | (b[:, 3] - b[:, 1] <= 0)):
         raise ValueError(f"{where}: a box has no area inside the {width}x{height} frame")
+    side = np.minimum((b[:, 2] - b[:, 0]) * width, (b[:, 3] - b[:, 1]) * height)
+    if np.any(side < min_pixels):
+        i = int(np.argmin(side))
+        px = (b[i] * np.array([width, height, width, height])).round(2).tolist()
+        how = ("read as pixels because a coordinate exceeds 1 (--box-units auto: pixels when any "
+               "coordinate exceeds 1, else normalized [0, 1])" if units == "auto" and pixels
+               else "read as normalized [0, 1] (--box-units auto: no coordinate exceeds 1)"
+               if units == "auto" else f"read as {units} (--box-units {units})")
+        raise ValueError(f"{where}: box {np.asarray(boxes, dtype=np.float64).reshape(-1, 4)[i].tolist()} "
+                         f"was {how} and is only {px[2] - px[0]:.2f} x {px[3] - px[1]:.2f} pixels of "
+                         f"the {width}x{height} frame (smallest allowed: {min_pixels:g} px a side); "
+                         f"if the units are wrong, say which with --box-units px or --box-units norm")
     return b
 
 
@@ -262,6 +284,25 @@ def _info_dict(path: Path, info: Any, start: float, end: float) -> dict:
             "start": float(start), "end": float(end)}
 
 
+def check_link_parameters(*, link_iou: float = 0.3, score_threshold: float = 0.0,
+                          top_k: int | None = None, max_gap: int = 0, min_length: int = 1,
+                          tube_nms_iou: float | None = None) -> None:
+    """``ValueError`` (naming the option) for linking parameters that cannot be meant:
+    IoUs outside (0, 1], a NaN or out-of-range score threshold (scores lie in [0, 1]),
+    negative counts."""
+    for name, v in (("--link-iou", link_iou), ("tube_nms_iou", tube_nms_iou)):
+        if v is not None and not (math.isfinite(v) and 0 < v <= 1):
+            raise ValueError(f"{name} must be in (0, 1], got {v}")
+    if not (math.isfinite(score_threshold) and 0 <= score_threshold <= 1):
+        raise ValueError(f"--score-threshold must be in [0, 1] (scores are probabilities), got {score_threshold}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"--top-k must be >= 1 (0 on the command line: all), got {top_k}")
+    if max_gap < 0:
+        raise ValueError(f"--max-gap must be >= 0, got {max_gap}")
+    if min_length < 1:
+        raise ValueError(f"--min-length must be >= 1 clip, got {min_length}")
+
+
 def load_query(query_path: str | Path, query_boxes: Any, image_size: int, *,
                query_box_time: float | None = None, query_start: float | None = None,
                query_end: float | None = None, box_units: str = "auto") -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -282,9 +323,7 @@ def load_query(query_path: str | Path, query_boxes: Any, image_size: int, *,
     """
     from .data import video
 
-    path = Path(query_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"query video {path} does not exist")
+    path = check_input_file(query_path, "query video")
     info = video.probe(path)
     start, end = check_span(query_start, query_end, info.duration, "query", path)
     n = _num_clips(start, end)
@@ -412,14 +451,14 @@ def relocalize(model: torch.nn.Module, query_path: str | Path, query_boxes: Any,
 
     if chunk_clips < 1:
         raise ValueError(f"chunk_clips must be >= 1, got {chunk_clips}")
+    check_link_parameters(link_iou=link_iou, score_threshold=score_threshold, top_k=top_k,
+                          max_gap=max_gap, min_length=min_length, tube_nms_iou=tube_nms_iou)
     dev = resolve_device(device)
     model = model.to(dev).eval()
     size = int(model.cfg.image_size)
     if int(getattr(model.cfg, "clip_frames", CLIP_FRAMES)) != CLIP_FRAMES:
         raise ValueError(f"the model expects {model.cfg.clip_frames}-frame clips; relocalize uses {CLIP_FRAMES}")
-    ref_path = Path(reference_path)
-    if not ref_path.is_file():
-        raise FileNotFoundError(f"reference video {ref_path} does not exist")
+    ref_path = check_input_file(reference_path, "reference video")
     ref_info = video.probe(ref_path)
     r_start, r_end = check_span(reference_start, reference_end, ref_info.duration, "reference", ref_path)
     q_clips, q_boxes, q_info = load_query(query_path, query_boxes, size, query_box_time=query_box_time,
@@ -460,9 +499,60 @@ def relocalize(model: torch.nn.Module, query_path: str | Path, query_boxes: Any,
         "model": {"cell": str(model.cfg.cell), "image_size": size},
         "tubelets": tubes_to_tubelets(tubes, ref),
     }
+    result["warnings"] = score_warnings(detections)
     if include_detections:
         result["detections"] = [d.round(6).tolist() for d in detections]
     return result
+
+
+#: all detection scores within this range of each other count as near-uniform
+UNIFORM_SCORE_RANGE = 0.1
+
+
+def score_warnings(detections: Sequence[np.ndarray]) -> list[str]:
+    """A warning when every detection score lies in a narrow band (the model tells
+    nothing apart in this reference: no tubelet is more likely than another)."""
+    scores = [np.asarray(d, dtype=np.float64).reshape(-1, 5)[:, 4] for d in detections]
+    scores = np.concatenate(scores) if scores else np.zeros(0)
+    if scores.size < 10:
+        return []
+    lo, hi = float(scores.min()), float(scores.max())
+    if hi - lo < UNIFORM_SCORE_RANGE:
+        return [f"all {scores.size} detection scores lie within {lo:.2f}-{hi:.2f} (near-uniform): "
+                f"the model does not single out anything in this reference; the tubelets are "
+                f"not meaningful matches"]
+    return []
+
+
+def training_data_warnings(dataset: Mapping[str, Any] | None, reference: Mapping[str, Any]) -> list[str]:
+    """Warnings when the reference does not look like the model's training data.
+
+    ``dataset`` is a checkpoint's ``"dataset"`` record (:func:`stvr.train.dataset_provenance`),
+    ``reference`` the result's ``"reference"`` dict. A cheap heuristic: a model trained on
+    the synthetic benchmark (square rendered videos of one size) given a reference of
+    another size; any model given a reference whose aspect ratio is far from its
+    training videos'."""
+    if not dataset or not dataset.get("name"):
+        return []
+    name, v = str(dataset["name"]), dataset.get("video") or None
+    w, h = int(reference.get("width", 0)), int(reference.get("height", 0))
+    if not (w > 0 and h > 0):
+        return []
+    where = f" ({dataset.get('root')})" if dataset.get("root") else ""
+    if name == "synthetic":
+        size = (int(v["width"]), int(v["height"])) if v else None
+        if (size is not None and (w, h) != size) or (size is None and w != h):
+            shown = f"{size[0]}x{size[1]} " if size else ""
+            return [f"this model was trained only on the synthetic benchmark{where}, {shown}rendered "
+                    f"videos; the reference {reference.get('path')} ({w}x{h}) does not look like that "
+                    f"data, so its matches are unlikely to mean anything (train on data like it)"]
+        return []
+    if v and v.get("width") and v.get("height"):
+        ratio = (w / h) / (float(v["width"]) / float(v["height"]))
+        if ratio > 1.5 or ratio < 1 / 1.5:
+            return [f"the reference {reference.get('path')} ({w}x{h}) has a very different shape from "
+                    f"the {name} videos this model was trained on ({v['width']}x{v['height']})"]
+    return []
 
 
 def save_result(result: Mapping[str, Any], path: str | Path) -> Path:
@@ -488,6 +578,9 @@ def load_result(path: str | Path) -> dict:
 
 
 # --------------------------------------------------------------------------- rendering
+RENDER_EXTENSIONS = (".mp4", ".mkv", ".mov", ".m4v", ".avi", ".webm")
+
+
 def _output_codec(path: Path) -> str | None:
     """Encoder for an output container (None: the video module's default, libx264)."""
     ext = path.suffix.lower()
@@ -497,7 +590,7 @@ def _output_codec(path: Path) -> str | None:
         return "mpeg4"
     if ext == ".webm":
         return "libvpx"
-    raise ValueError(f"{path}: unsupported output container {ext!r}; use .mp4, .mkv, .mov, .avi or .webm")
+    raise ValueError(f"{path}: unsupported output container {ext!r}; use {', '.join(RENDER_EXTENSIONS)}")
 
 
 def _draw(frame: np.ndarray, boxes: Iterable[tuple[int, float, np.ndarray]]) -> np.ndarray:
@@ -522,13 +615,50 @@ def _draw(frame: np.ndarray, boxes: Iterable[tuple[int, float, np.ndarray]]) -> 
     return frame
 
 
+def _source_frames(path: Path) -> Iterable[np.ndarray]:
+    """The decoded frames of a video one by one, as RGB uint8, without resampling: one
+    item per frame of the file (frames whose timestamp does not increase are dropped, as
+    :mod:`stvr.data.video` does). Rendering writes one output frame per source frame, so
+    a video whose first timestamp is not 0 (or with a gap) keeps its frame count and
+    every box lands on its own frame (issue 12: resampling by time gave 271 for 270)."""
+    import av
+
+    from .data import video
+
+    try:
+        container = av.open(str(path), mode="r", metadata_errors="ignore")
+    except (av.error.FFmpegError, OSError) as err:
+        raise video.VideoError(f"{path}: not a readable video file ({err})") from None
+    try:
+        if not container.streams.video:
+            raise video.VideoError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        last = None
+        frames = container.decode(stream)
+        while True:
+            try:
+                frame = next(frames)
+            except (StopIteration, av.error.EOFError):
+                break
+            except (av.error.FFmpegError, OSError) as err:
+                raise video.VideoError(f"{path}: decoding failed ({err})") from None
+            if frame.pts is not None:
+                if last is not None and frame.pts <= last:
+                    continue
+                last = frame.pts
+            yield frame.to_ndarray(format="rgb24")
+    finally:
+        container.close()
+
+
 def render_tubelets(reference_path: str | Path, result: Mapping[str, Any], out_path: str | Path, *,
                     top_k: int | None = None, progress: bool = True, crf: int = 20,
                     codec: str | None = None) -> Path:
     """Write the reference video with the tubelets of ``result`` drawn on it.
 
-    The reference is decoded frame by frame at its own frame rate and size
-    (:func:`stvr.data.video.iter_frames`) and re-encoded at the same rate with
+    The reference is decoded frame by frame at its own size, one output frame per
+    source frame (no resampling, :func:`_source_frames`), and re-encoded at its rate with
     :class:`stvr.data.video.VideoWriter`, so the output has the reference's frame
     count and duration. Each tubelet gets a colour (by rank) and a ``#rank score``
     label; its boxes are the tubelets' per-frame normalized ``"box"`` at each frame
@@ -546,9 +676,7 @@ def render_tubelets(reference_path: str | Path, result: Mapping[str, Any], out_p
 
     from .data import video
 
-    src = Path(reference_path)
-    if not src.is_file():
-        raise FileNotFoundError(f"reference video {src} does not exist")
+    src = check_input_file(reference_path, "reference video")
     info = video.probe(src)
     if not info.fps > 0:
         raise video.VideoError(f"{src}: unknown frame rate, cannot render at the reference's rate")
@@ -567,7 +695,7 @@ def render_tubelets(reference_path: str | Path, result: Mapping[str, Any], out_p
                dynamic_ncols=True)
     try:
         with video.VideoWriter(out, info.fps, info.width, info.height, codec, **extra) as writer:
-            for index, img in enumerate(video.iter_frames(src, fps=info.fps)):
+            for index, img in enumerate(_source_frames(src)):
                 if img.shape[:2] != (info.height, info.width):
                     raise video.VideoError(f"{src}: frame {index} is {img.shape[1]}x{img.shape[0]}, "
                                            f"the stream says {info.width}x{info.height}")

@@ -87,7 +87,8 @@ def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+        raise ValueError(f"--device {device}: no CUDA GPU is available on this machine; "
+                         f"use --device cpu (or auto)")
     dev = resolve_device(device)
     use_cuda = dev.type == "cuda"
     if world > 1:
@@ -278,12 +279,42 @@ def save_checkpoint(out_dir: str | Path, name: str, model: nn.Module,
                     buffers[names[id(p)]] = buf.detach().cpu().contiguous()
         _fsync_write(out / f"{optim_file}.tmp", save(buffers, metadata=meta))
         state["optimizer"] = {"param_groups": groups}
+    state["dataset"] = dataset_provenance(cfg)
     state.update(extra or {})
     part = out / f"{name}.json.part"
     _fsync_write(part, (json.dumps(state, indent=1) + "\n").encode())
     os.replace(part, out / f"{name}.json.tmp")          # commit point
     recover_checkpoint(out, name)                       # rename into place
     return out / weights_file
+
+
+_PROVENANCE: dict[str, dict[str, Any]] = {}
+
+
+def dataset_provenance(cfg: Config) -> dict[str, Any]:
+    """What a model is trained on, stored in every checkpoint JSON under ``"dataset"``:
+    ``{"name": dataset.json's name ("synthetic", "ava", "ucf24", ...) or None, "root",
+    "video": {"width", "height", "fps"} of the first training video or None}``.
+    :func:`stvr.relocalize.relocalize` compares a reference with it (issue 12)."""
+    root = Path(cfg.data.root)
+    key = str(root.resolve()) if root.exists() else str(root)
+    if key in _PROVENANCE:
+        return dict(_PROVENANCE[key])
+    info: dict[str, Any] = {"name": None, "root": str(root), "video": None}
+    try:
+        ds = json.loads((root / "dataset.json").read_text())
+        info["name"] = ds.get("name")
+        from .data import video
+        from .data.pairs import resolve_video_path
+
+        ids = list(ds.get("train_videos") or []) + list(ds.get("videos") or {})
+        for vid in ids[:1]:
+            v = video.probe(resolve_video_path(root, ds, vid, cfg.data.videos))
+            info["video"] = {"width": v.width, "height": v.height, "fps": round(float(v.fps), 3)}
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    _PROVENANCE[key] = info
+    return dict(info)
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
@@ -340,15 +371,30 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
         raise FileNotFoundError(f"{state_path}: the checkpoint's JSON (config, step) is missing")
     try:
         state = json.loads(state_path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{state_path}: not valid JSON ({err})") from None
-    if "config" not in state or "step" not in state:
+    from safetensors import SafetensorError
+
+    if not isinstance(state, dict) or "config" not in state or "step" not in state:
         raise ValueError(f"{state_path}: not an stvr checkpoint state (no 'config'/'step')")
-    _check_step(weights_path, int(state["step"]))
-    cfg = config_from_dict(state["config"])
+    try:
+        step = int(state["step"])
+        cfg = config_from_dict(state["config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{state_path}: bad checkpoint config: {err}") from None
+    try:
+        _check_step(weights_path, step)
+        weights = load_file(str(weights_path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights_path}: not a readable safetensors checkpoint "
+                         f"(corrupt or not a weights file: {err})") from None
     cfg.model.i3d_weights = None  # weights come from the checkpoint, not the backbone file
     model = STVRModel(cfg.model)
-    missing, unexpected = model.load_state_dict(load_file(str(weights_path)), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # a tensor of the wrong shape
+        raise ValueError(f"{weights_path}: does not fit the model of its config "
+                         f"({str(err).splitlines()[-1].strip() if str(err) else err})") from None
     if missing or unexpected:
         raise ValueError(f"{weights_path}: does not fit the model of its config "
                          f"(missing {missing[:5]}..., unexpected {unexpected[:5]}...)")
@@ -712,7 +758,7 @@ def _remove_checkpoints(out: Path) -> None:
         for fname in (*_checkpoint_files(name), f"{name}.json"):
             for suffix in ("", ".tmp", ".part"):
                 (out / f"{fname}{suffix}").unlink(missing_ok=True)
-    for log_name in ("train_log.csv", "val_log.csv"):
+    for log_name in ("train_log.csv", "val_log.csv", "results.json"):  # results.json: stale results of the old model
         (out / log_name).unlink(missing_ok=True)
 
 

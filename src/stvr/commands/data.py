@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -31,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--split-json", help="label split: the official val_test.json ([test, val] lists) or "
                    "{'val': [...], 'test': [...]}; default: the packaged official split")
     a.add_argument("--seed", type=int, default=0, help="seed of the reference draws (default 0)")
+    a.add_argument("--force", action="store_true",
+                   help="replace the files of an existing dataset root at --out (default: refuse)")
     a.add_argument("--strict", action="store_true",
                    help="stop at the first malformed CSV row (default: skip malformed rows with a warning)")
     a.set_defaults(func=run_ava)
@@ -84,25 +87,71 @@ def _read_csv(path: Path, strict: bool):
     return rows, len(caught)
 
 
+def check_root_output(out: Path, force: bool) -> None:
+    """A dataset root to write: not a file, in a writable folder, and not an existing
+    dataset root unless ``force`` (ValueError otherwise)."""
+    from ..guards import check_parent
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; --out is the dataset root folder to write")
+    check_parent(out / "dataset.json", "--out")
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: folder is not writable")
+    if (out / "dataset.json").exists() and not force:
+        raise ValueError(f"--out {out} already holds a dataset root (dataset.json); pass --force to "
+                         f"replace its files, or choose another --out")
+
+
+def _move_into_place(stage: Path, final: Path) -> None:
+    """Move the files built in ``stage`` to ``final`` (a new folder: one rename; an
+    existing one: file by file, other files of it are kept)."""
+    if not final.exists():
+        os.rename(stage, final)
+        return
+    for src in sorted(p for p in stage.rglob("*") if p.is_file()):
+        dst = final / src.relative_to(stage)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+    import shutil
+
+    shutil.rmtree(stage, ignore_errors=True)
+
+
 def run_ava(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..data.ava import AVA_TIME_RANGE, load_label_split, write_annotations
     from ..data.pairs import build_dataset_root
     from ..data.stats import format_stats
+    from ..guards import default_dir_mode
     from ..utils import write_json
 
-    out = Path(args.out)
+    import shutil
+    import tempfile
+
+    final = Path(args.out)
+    stage = None
     try:
+        check_root_output(final, args.force)
+        if args.videos and not Path(args.videos).is_dir():
+            return _fail(f"--videos {args.videos}: not a folder")
         split = load_label_split(args.split_json)
         with tqdm(total=4, desc="ava", unit="step") as steps:
             rows = {}
             for name, path in (("train", Path(args.train_csv)), ("val", Path(args.val_csv))):
                 if not path.is_file():
-                    return _fail(f"{path}: no such file")
+                    return _fail(f"{path}: no such file" if not path.exists() else f"{path}: not a regular file")
                 rows[name], _ = _read_csv(path, args.strict)
+                if not rows[name]:
+                    return _fail(f"{path}: no valid annotation rows (the file is empty or every row is "
+                                 f"malformed); nothing written")
                 steps.update(1)
-            out.mkdir(parents=True, exist_ok=True)
+            # everything is written into a hidden folder next to --out and moved into place at
+            # the end: a failure partway leaves no half-written dataset root
+            final.parent.mkdir(parents=True, exist_ok=True)
+            stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+            os.chmod(stage, default_dir_mode())  # mkdtemp's 0700 -> the user's normal folder mode
+            out = stage
             for name in ("train", "val"):
                 write_annotations(rows[name], out / "annotations" / f"{name}.csv")
             write_json(out / "label_split.json",
@@ -112,8 +161,6 @@ def run_ava(args: argparse.Namespace) -> int:
             videos, missing = {}, []
             if args.videos:
                 vdir = Path(args.videos)
-                if not vdir.is_dir():
-                    return _fail(f"{vdir}: not a folder")
                 for vid in tqdm(sorted(set(train_ids) | set(val_ids)), desc="videos", unit="video", leave=False):
                     found = sorted(p for p in vdir.glob(f"{vid}.*") if p.is_file())
                     if found:
@@ -131,9 +178,15 @@ def run_ava(args: argparse.Namespace) -> int:
             write_json(out / "dataset.json", dataset, indent=1)
             steps.update(1)
             stats = build_dataset_root(out, seed=args.seed)
+            _move_into_place(stage, final)
+            stage = None
+            out = final
             steps.update(1)
     except (ValueError, FileNotFoundError) as err:
         return _fail(str(err))
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
     print(format_stats(stats, top=5))
     print(f"wrote {out}: {len(rows['train'])} train rows ({len(train_ids)} videos), "
           f"{len(rows['val'])} val rows ({len(val_ids)} videos); "

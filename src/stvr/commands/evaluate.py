@@ -80,7 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", metavar="ROOT", default=None,
                    help="dataset root whose annotations give every actor: adds the matching "
                         "diagnostics (key \"diagnostics\")")
-    p.add_argument("--out", help="also write the result JSON to this file")
+    p.add_argument("--out", help="also write the result JSON to this file (an existing file is "
+                   "replaced; never one of the inputs)")
     p.add_argument("--indent", type=int, default=2, help="JSON indentation (default 2; -1: one line)")
     p.set_defaults(func=run)
 
@@ -129,6 +130,10 @@ def run(args: argparse.Namespace) -> int:
     from ..predict import load_detections
 
     try:
+        if args.out:  # before any work; never one of the inputs (issue 12)
+            from ..guards import check_output
+
+            check_output(args.out, "--out", inputs=[("PAIRS", args.pairs), ("DETECTIONS", args.detections)])
         pairs = load_pairs(args.pairs, box_order=args.box_order)
         detections = load_detections(args.detections)
         if not isinstance(detections, list):
@@ -152,5 +157,7 @@ def run(args: argparse.Namespace) -> int:
                       allow_nan=False)
     print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        from ..utils import atomic_write
+
+        atomic_write(Path(args.out), text + "\n")
     return 0

@@ -22,7 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="box order of --pairs: yxyx for the official STVR split files (default xyxy)")
     p.add_argument("--videos", help="video folder (default: the paths listed in <data>/dataset.json)")
     p.add_argument("--cache", help="clip cache folder (default: <data>/cache)")
-    p.add_argument("--out", required=True, help="output detections JSON")
+    p.add_argument("--out", required=True, help="output detections JSON (an existing file is replaced)")
+    p.add_argument("--max-failed", type=float, default=0.5, metavar="SHARE",
+                   help="fail (exit 2, nothing written) when more than this share of the pairs cannot be "
+                   "loaded (default 0.5; 0: any failure is an error; a run where every pair fails "
+                   "is always an error)")
     p.add_argument("--batch-size", type=int, default=1, help="pairs per forward pass (default 1)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
@@ -38,13 +42,32 @@ def run(args: argparse.Namespace) -> int:
     from ..train import load_checkpoint
     from ..utils import resolve_device
 
+    from ..guards import check_output
+    from ..train import resolve_checkpoint
+
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    device = resolve_device(args.device)
-    model, cfg, state = load_checkpoint(args.checkpoint, device=device)
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if not 0 <= args.max_failed <= 1:
+        raise ValueError(f"--max-failed must be in [0, 1], got {args.max_failed}")
     root = Path(args.data)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data {root} does not exist (or is not a folder): give a dataset root "
+                                f"written by `stvr data synth|ava|ucf24`")
     if not (root / "dataset.json").is_file():
         raise FileNotFoundError(f"{root / 'dataset.json'} does not exist: --data must be a dataset root")
+    if not args.pairs and not (root / "pairs" / f"{args.split}.json").is_file():
+        have = sorted(p.stem for p in (root / "pairs").glob("*.json")) if (root / "pairs").is_dir() else []
+        raise ValueError(f"--split {args.split!r}: {root / 'pairs' / (args.split + '.json')} does not exist "
+                         f"(splits of {root}: {', '.join(have) or 'none'})")
+    weights, state_json = resolve_checkpoint(args.checkpoint)
+    pair_file = Path(args.pairs) if args.pairs else root / "pairs" / f"{args.split}.json"
+    check_output(args.out, "--out", inputs=[("--checkpoint", weights), ("--checkpoint", state_json),
+                                             ("pair file", pair_file),
+                                             ("--data", root / "dataset.json")])
+    device = resolve_device(args.device)
+    model, cfg, state = load_checkpoint(args.checkpoint, device=device)
     data_cfg = dataclasses.replace(cfg.data, root=str(root), videos=args.videos, cache=args.cache)
     cache = ClipCache(Path(args.cache) if args.cache else root / "cache", size=cfg.model.image_size,
                       fps=data_cfg.fps)
@@ -55,9 +78,18 @@ def run(args: argparse.Namespace) -> int:
         pairs = load_pairs(args.pairs, box_order=args.box_order)
     dataset = EvalPairDataset(root, split=args.split, image_size=cfg.model.image_size, cache=cache,
                               data_cfg=data_cfg, clip_frames=cfg.model.clip_frames, pairs=pairs)
+    if len(dataset) == 0:
+        raise ValueError(f"{pair_file}: no pairs to predict")
     failed: list[int] = []
     dets = predict_pairs(model, dataset, device=device, batch_size=args.batch_size,
                          num_workers=args.num_workers, progress=not args.quiet, failed=failed)
+    if failed and (len(failed) == len(dataset) or len(failed) / len(dataset) > args.max_failed):
+        import sys
+
+        print(f"stvr predict: error: {len(failed)} of {len(dataset)} pairs could not be loaded "
+              f"(more than --max-failed {args.max_failed:g}; e.g. pairs {failed[:10]}); no detections "
+              f"written. Check the videos of {root} (--videos) and the messages above", file=sys.stderr)
+        return 2
     save_detections(dets, args.out)
     n_clips = sum(len(p) for p in dets)
     n_dets = sum(len(c) for p in dets for c in p)

@@ -29,8 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "CSV rows time,x1,y1,x2,y2 (times in seconds of the query video)")
     q.add_argument("--query-box-time", type=float, metavar="T",
                    help="time (s) at which --query-box was drawn (must lie in the query span)")
-    q.add_argument("--box-units", choices=("auto", "normalized", "pixels"), default="auto",
-                   help="units of the query boxes (auto: pixels when a coordinate exceeds 1)")
+    q.add_argument("--box-units", choices=("auto", "normalized", "pixels", "norm", "px"), default="auto",
+                   help="units of the query boxes: norm(alized) [0, 1] or px (pixels); auto: pixels "
+                   "when a coordinate exceeds 1, else normalized. Boxes under 2 px a side are refused")
     q.add_argument("--query-start", type=float, metavar="S", help="query span start (s; default 0)")
     q.add_argument("--query-end", type=float, metavar="S", help="query span end (s; default: the end)")
     r = p.add_argument_group("reference")
@@ -38,8 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--reference-start", type=float, metavar="S")
     r.add_argument("--reference-end", type=float, metavar="S")
     p.add_argument("--checkpoint", help=f"run folder or .safetensors (default: the demo's model in {DEMO_RUN}/)")
-    p.add_argument("--out", default="tubelets.json", help="tubelets JSON (default: tubelets.json)")
-    p.add_argument("--render", metavar="OUT.mp4", help="also write the reference with the tubelets drawn")
+    p.add_argument("--out", default="tubelets.json",
+                   help="tubelets JSON (default: tubelets.json; an existing file is replaced)")
+    p.add_argument("--render", metavar="OUT.mp4", help="also write the reference with the tubelets drawn "
+                   "(.mp4, .mkv, .mov, .m4v, .avi or .webm; an existing file is replaced)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--top-k", type=int, default=10, help="keep the K best tubelets (default 10; 0 = all)")
     p.add_argument("--min-length", type=int, default=3, help="shortest tubelet in clips (3 clips = 1 s)")
@@ -70,13 +73,38 @@ def default_checkpoint(run_dir: Path = DEMO_RUN) -> Path:
     raise FileNotFoundError(NO_CHECKPOINT.format(where=f"{run_dir}/"))
 
 
+def check_arguments(args: argparse.Namespace, ckpt: Path) -> None:
+    """Everything that can be checked before the work (issue 12): option ranges, and
+    outputs that are not inputs, not each other, not directories, in a writable
+    folder, with a known video container."""
+    from ..guards import check_distinct, check_output
+    from ..relocalize import RENDER_EXTENSIONS, check_link_parameters
+    from ..train import resolve_checkpoint
+
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (0 = all), got {args.top_k}")
+    if args.chunk_clips < 1:
+        raise ValueError(f"--chunk-clips must be >= 1, got {args.chunk_clips}")
+    check_link_parameters(link_iou=args.link_iou, score_threshold=args.score_threshold,
+                          top_k=args.top_k or None, max_gap=args.max_gap, min_length=args.min_length)
+    weights, state_json = resolve_checkpoint(ckpt)
+    inputs = [("--query", args.query), ("--reference", args.reference),
+              ("--query-boxes", args.query_boxes), ("--checkpoint", weights),
+              ("--checkpoint", state_json)]
+    check_output(args.out, "--out", inputs=inputs)
+    if args.render:
+        check_output(args.render, "--render", inputs=inputs, extensions=RENDER_EXTENSIONS)
+        check_distinct(("--out", args.out), ("--render", args.render))
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..relocalize import relocalize, render_tubelets, save_result
+    from ..relocalize import relocalize, render_tubelets, save_result, training_data_warnings
     from ..train import load_checkpoint
     from ..utils import resolve_device
 
     try:
         ckpt = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
+        check_arguments(args, ckpt)
         device = resolve_device(args.device)
         model, cfg, state = load_checkpoint(ckpt, device=device)
         result = relocalize(
@@ -88,7 +116,12 @@ def run(args: argparse.Namespace) -> int:
             top_k=args.top_k if args.top_k > 0 else None, link_iou=args.link_iou,
             max_gap=args.max_gap, min_length=args.min_length, score_threshold=args.score_threshold,
             include_detections=args.detections)
-        result["checkpoint"] = {"path": str(ckpt), "step": state.get("step")}
+        result["checkpoint"] = {"path": str(ckpt), "step": state.get("step"),
+                                "dataset": state.get("dataset")}
+        result["warnings"] = (training_data_warnings(state.get("dataset"), result["reference"])
+                              + result.get("warnings", []))
+        for text in result["warnings"]:
+            print(f"warning: {text}", file=sys.stderr)
         out = save_result(result, args.out)
         n = len(result["tubelets"])
         print(f"wrote {out}: {n} tubelet{'s' if n != 1 else ''} in "

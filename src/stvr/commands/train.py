@@ -34,7 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="dataset root (default: the preset's data.root)")
     p.add_argument("--out", required=True, help="run folder for checkpoints and logs")
     p.add_argument("--steps", type=int, help="total optimizer steps (default: train.max_steps)")
-    p.add_argument("--no-resume", action="store_true", help="ignore an existing last checkpoint")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start from scratch; refused when --out holds a trained model unless --force")
+    p.add_argument("--force", action="store_true",
+                   help="with --no-resume: delete the trained model of --out (checkpoints, logs, "
+                   "results.json) and start over")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: train.device)")
     p.add_argument("--procs", type=int, default=1,
                    help="local DDP processes started from this command (gloo on CPU, NCCL on "
@@ -43,6 +47,51 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process with --procs > 1")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+
+
+def trained_model_files(out) -> list[str]:
+    """Names of the checkpoint files of a run folder (empty when it holds no model)."""
+    from pathlib import Path
+
+    out = Path(out)
+    names = ("last.safetensors", "best.safetensors", "last.json", "best.json")
+    return [n for n in names if (out / n).exists()] if out.is_dir() else []
+
+
+def check_train_arguments(args: argparse.Namespace, cfg) -> None:
+    """Checks before any work (issue 12): a usable --out folder that is not emptied
+    silently, a dataset root that exists, a device that exists, sane counts."""
+    from pathlib import Path
+
+    from ..guards import check_parent
+    from ..utils import resolve_device
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; --out is a run folder")
+    check_parent(out / "config.json", "--out")
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: folder is not writable")
+    if args.steps is not None and args.steps < 0:
+        raise ValueError(f"--steps must be >= 0, got {args.steps}")
+    if args.procs < 1 or args.threads < 1:
+        raise ValueError("--procs and --threads must be >= 1")
+    files = trained_model_files(out)
+    has_last = (out / "last.json").exists()
+    if files and (args.no_resume or not has_last) and not args.force:
+        raise ValueError(f"--out {out} holds a trained model ({', '.join(files)}); training would "
+                         f"delete it. Resume it (without --no-resume), choose another --out, or "
+                         f"pass --force to delete it and start over")
+    root = Path(cfg.data.root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data root {root} does not exist (--data, or data.root of the preset; "
+                                f"create one with `stvr data synth|ava|ucf24`)")
+    if not (root / "dataset.json").is_file():
+        raise FileNotFoundError(f"{root / 'dataset.json'} does not exist: {root} is not a dataset root "
+                                f"(create one with `stvr data synth|ava|ucf24`)")
+    resolve_device(cfg.train.device)
+    if args.force and (args.no_resume or not has_last):  # the stale results of the old model go too
+        (out / "results.json").unlink(missing_ok=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
         print(f"stvr train: error: {err}", file=sys.stderr)
         return 2
+    check_train_arguments(args, cfg)
     kwargs = dict(resume=not args.no_resume, max_steps=args.steps, progress=not args.quiet)
     if args.procs > 1:
         summary = spawn_train(cfg, args.out, args.procs, threads=args.threads, **kwargs)

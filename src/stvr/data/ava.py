@@ -207,6 +207,25 @@ def read_annotations(csv_path: str | Path, strict: bool = True) -> list[AvaRow]:
     rows: list[AvaRow] = []
     bad: list[tuple[int, str]] = []
     first_box: dict[tuple[str, int, int], tuple[tuple[float, ...], int]] = {}
+    try:
+        return _read_rows(path, strict, rows, bad, first_box)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}:{_first_undecodable_line(path)}: not UTF-8 text ({err.reason}); "
+                         f"AVA CSVs are UTF-8 (or ASCII)") from None
+
+
+def _first_undecodable_line(path: Path) -> int:
+    """1-based number of the first line of ``path`` that is not valid UTF-8."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return lineno
+    return 1
+
+
+def _read_rows(path: Path, strict: bool, rows: list, bad: list, first_box: dict) -> list[AvaRow]:
     with open(path, newline="", encoding="utf-8-sig") as f:
         for lineno, fields in enumerate(csv.reader(f), start=1):
             if not fields or all(not x.strip() for x in fields):
@@ -234,7 +253,7 @@ def read_annotations(csv_path: str | Path, strict: bool = True) -> list[AvaRow]:
             f"{path}: skipped {len(bad)} malformed row(s) on line(s) {lines} "
             f"(first problem: {bad[0][1]})",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     return rows
 

@@ -136,7 +136,12 @@ def _check_file(path: str | os.PathLike) -> Path:
     if not p.exists():
         raise FileNotFoundError(f"video file {p} does not exist")
     if not p.is_file():
-        raise VideoError(f"{p}: not a regular file")
+        import stat
+
+        mode = p.stat().st_mode
+        what = ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode)
+                else "a socket or device")
+        raise VideoError(f"{p}: is {what}, not a regular file (a video file)")
     return p
 
 
@@ -731,6 +736,7 @@ class VideoWriter:
                 self._container.mux(packet)
             self._container.close()
             self._container = None
+            _user_mode(self._tmp)  # mkstemp made it 0600; outputs get the user's normal mode
             os.replace(self._tmp, self.path)
         except BaseException:
             self._abort()
@@ -796,11 +802,19 @@ _CACHE_VERSION = 1
 _SAFE_ID = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
+def _user_mode(path: str | os.PathLike) -> None:
+    """``0666 & ~umask`` for a file made by ``mkstemp`` (0600)."""
+    from ..guards import apply_default_mode
+
+    apply_default_mode(path)
+
+
 def _atomic_save(path: Path, array: np.ndarray) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.npy", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, array, allow_pickle=False)
+        _user_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -812,6 +826,7 @@ def _atomic_json(path: Path, obj: dict) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f)
+        _user_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
