@@ -14,6 +14,7 @@ import av
 import numpy as np
 import pytest
 
+from stvr.data import decode
 from stvr.data import video as V
 
 
@@ -153,13 +154,13 @@ def test_range_equals_slice_of_full_decode(vids, monkeypatch):
         np.testing.assert_array_equal(part, full[i:j])
     # seeking: a 1 s range near the end decodes about one GOP, not the file
     counter = [0]
-    real_open = V._open
+    real_open = decode._open
 
     def counting_open(path):
         c, s = real_open(path)
         return _CountingContainer(c, counter), s
 
-    monkeypatch.setattr(V, "_open", counting_open)
+    monkeypatch.setattr(decode, "_open", counting_open)
     V.read_frames(vids["long"], 4.0, 5.0, size=24)
     assert 30 <= counter[0] <= 75  # 30 frames of the range + at most ~1 GOP before it + lookahead
 
