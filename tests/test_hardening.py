@@ -526,3 +526,13 @@ def test_outputs_get_the_users_file_mode(tmp_path):
     finally:
         os.umask(old)
         guards._MODE = None
+
+
+def test_data_ucf24_out_is_a_file(tmp_path, capsys):
+    ann = tmp_path / "ann.json"
+    ann.write_text("{}")
+    target = tmp_path / "file"
+    target.write_text("keep")
+    rc, err = _run(capsys, ["data", "ucf24", str(ann), "--out", str(target)])
+    assert rc == 2 and target.read_text() == "keep"
+    _one_line_error(err, "is a file")

@@ -208,6 +208,15 @@ def run_ucf24(args: argparse.Namespace) -> int:
     path = Path(args.annotations)
     if not path.is_file():
         return _fail(f"{path}: no such file")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        return _fail(f"--out {out} is a file; --out is the dataset root folder to write")
+    try:
+        from ..guards import check_parent
+
+        check_parent(out / "dataset.json", "--out")
+    except ValueError as err:
+        return _fail(str(err))
     try:
         with tqdm(total=1, desc="ucf24", unit="root") as bar:
             stats = write_ucf24_root(path, args.out, videos_dir=args.videos, seed=args.seed,
