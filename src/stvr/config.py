@@ -36,6 +36,7 @@ class ModelConfig:
     backbone_weights: str | None = None  # tiny backbone: "builtin" (shipped, pretrained by `stvr pretrain`),
                                        # a local .safetensors file, or None (random initialization)
     freeze_bn: bool = True             # backbone BN uses stored statistics
+    freeze_backbone: bool = False      # no backbone training at all (pretrained features as they are)
     # recurrent propagation of the reference (stvr.recurrent.build_cell kinds, or "none")
     cell: str = "warp"
     cell_bottleneck: int = 128         # gate bottleneck channels (official: 128)
@@ -108,6 +109,7 @@ class TrainConfig:
     max_steps: int = 30_000
     grad_clip_norm: float = 10.0
     weight_decay: float = 0.0
+    backbone_lr_scale: float = 1.0    # the backbone's learning rate is lr x this (0 freezes it)
     log_every: int = 20
     eval_every: int = 5_000
     checkpoint_every: int = 5_000
@@ -243,7 +245,7 @@ _RULES: dict[str, dict[str, str]] = {
     },
     "train": {
         "batch_size": "pos", "lr": "pos", "momentum": "prob", "lr_steps": "nonneg",
-        "lr_gamma": "pos", "max_steps": "nonneg", "grad_clip_norm": "pos", "weight_decay": "nonneg",
+        "lr_gamma": "pos", "max_steps": "nonneg", "grad_clip_norm": "pos", "weight_decay": "nonneg", "backbone_lr_scale": "nonneg",
         "log_every": "pos", "eval_every": "nonneg", "checkpoint_every": "pos", "seed": "nonneg",
     },
 }

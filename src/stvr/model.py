@@ -77,22 +77,37 @@ __all__ = ["STVRModel", "crop_features", "QueryAttention", "BoxHead", "RPNHead"]
 # --------------------------------------------------------------------------- helpers
 
 def crop_features(features: Tensor, boxes: Tensor, batch_index: Tensor, crop_size: int = 14,
-                  pool: int = 2) -> Tensor:
-    """TF ``crop_and_resize`` (bilinear, ``crop_size`` x ``crop_size``) + max-pool.
+                  pool: int = 2, mapping: str = "tf", image_size: int | None = None) -> Tensor:
+    """RoI features: ``crop_size`` x ``crop_size`` bilinear samples, then max-pool.
 
     Args:
         features: ``[N, C, h, w]`` feature maps.
-        boxes: ``[K, 4]`` normalized ``[x1, y1, x2, y2]`` (0..1 spans the map's
-            first to last cell centre, as TF).
+        boxes: ``[K, 4]`` normalized ``[x1, y1, x2, y2]``.
         batch_index: ``[K]`` int64 map index of each box.
+        mapping: how a normalized box lands on the map.
+            ``"tf"``: TF ``crop_and_resize`` (the official code): 0..1 spans the map's
+            first to last cell centre, samples on the box corners and between.
+            ``"pixel"``: the geometry of a stride-``image_size / w`` backbone whose
+            cell ``i`` is centred on pixel ``stride * i`` (stride-2, kernel-3, padding-1
+            convolutions, as the tiny backbone): the box's pixel extent is mapped to
+            cell units and sampled at ``crop_size`` bin centres (``roi_align``).
+        image_size: S, the input side in pixels (``"pixel"`` mapping only; default ``16 * w``).
     Returns:
         ``[K, C, crop_size // pool, crop_size // pool]``.
     """
     h, w = features.shape[-2:]
-    scale = boxes.new_tensor([w - 1, h - 1, w - 1, h - 1])
-    b = boxes * scale                                       # corners in feature cells
-    step = (b[:, 2:] - b[:, :2]) / max(crop_size - 1, 1)     # sample spacing (x, y)
-    rois = torch.cat([b[:, :2] - 0.5 * step + 0.5, b[:, 2:] + 0.5 * step + 0.5], dim=1)
+    if mapping == "tf":
+        scale = boxes.new_tensor([w - 1, h - 1, w - 1, h - 1])
+        b = boxes * scale                                       # corners in feature cells
+        step = (b[:, 2:] - b[:, :2]) / max(crop_size - 1, 1)     # sample spacing (x, y)
+        rois = torch.cat([b[:, :2] - 0.5 * step + 0.5, b[:, 2:] + 0.5 * step + 0.5], dim=1)
+    elif mapping == "pixel":
+        size = float(image_size or 16 * w)
+        stride = boxes.new_tensor([size / w, size / h, size / w, size / h])
+        # pixel k (centre at k + 0.5) lies in cell (k) / stride; roi_align(aligned=True) wants +0.5
+        rois = (boxes * size - 0.5) / stride + 0.5
+    else:
+        raise ValueError(f"unknown RoI mapping {mapping!r}; choose 'tf' or 'pixel'")
     rois = torch.cat([batch_index.to(rois.dtype)[:, None], rois], dim=1)
     out = roi_align(features, rois, (crop_size, crop_size), spatial_scale=1.0,
                     sampling_ratio=1, aligned=True)
@@ -326,6 +341,9 @@ class STVRModel(nn.Module):
         self.rpn_pre_nms_top_n = rpn_pre_nms_top_n
         channels = cfg.backbone_channels
         self.backbone = build_backbone(cfg)
+        if cfg.freeze_backbone:          # pretrained features kept as they are (no gradient, stored BN stats)
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
         self.cell = _build_cell(cfg)
         num_anchors = len(cfg.anchor_scales) * len(cfg.anchor_aspect_ratios)
         self.rpn = RPNHead(channels, cfg.rpn_channels, num_anchors)
@@ -358,11 +376,20 @@ class STVRModel(nn.Module):
         return self.anchor_generator.grid_anchors([[h, w]], [stride])[0]
 
     # ------------------------------------------------------------------ stages
+    def train(self, mode: bool = True) -> "STVRModel":
+        super().train(mode)
+        if self.cfg.freeze_backbone:
+            self.backbone.eval()
+        return self
+
     def run_backbone(self, clips: Tensor) -> Tensor:
         """``[N, 3, T, S, S] -> [N, C, h, w]``, chunked when gradients are off."""
         if clips.shape[0] == 0:
             c, h = self.cfg.backbone_channels, self.feature_size
             return clips.new_zeros(0, c, h, h)
+        if self.cfg.freeze_backbone:
+            with torch.no_grad():
+                return torch.cat([self.backbone(c) for c in clips.split(self.backbone_chunk)])
         if torch.is_grad_enabled() and self.training:
             return self.backbone(clips)
         return torch.cat([self.backbone(c) for c in clips.split(self.backbone_chunk)])
@@ -373,7 +400,8 @@ class STVRModel(nn.Module):
 
     def _crop_queries(self, features: Tensor, boxes: Tensor) -> Tensor:
         idx = torch.arange(features.shape[0], device=features.device)
-        return crop_features(features, boxes.to(features.dtype), idx, self.cfg.roi_crop_size)
+        return crop_features(features, boxes.to(features.dtype), idx, self.cfg.roi_crop_size,
+                             mapping=self.cfg.roi_mapping, image_size=self.image_size)
 
     def propagate(self, features: Tensor, state: Any = None, flows: Tensor | None = None) -> tuple[Tensor, Any]:
         """Run the recurrent cell over the clip axis of ``features [B, L, C, h, w]``.
@@ -457,7 +485,8 @@ class STVRModel(nn.Module):
 
         ``clip_pair [N]`` is the pair of each map. Returns logits and box codes.
         """
-        feats = crop_features(maps, boxes / self.image_size, clip_index, self.cfg.roi_crop_size)
+        feats = crop_features(maps, boxes / self.image_size, clip_index, self.cfg.roi_crop_size,
+                              mapping=self.cfg.roi_mapping, image_size=self.image_size)
         attended = self.attention(feats, clip_pair[clip_index], query_feats, query_index)
         return self.head(torch.cat([feats, attended], dim=1))
 
@@ -539,6 +568,9 @@ class STVRModel(nn.Module):
 
         # ---- second-stage targets (section 6.3)
         with torch.no_grad():
+            if cfg.box_add_gt:   # ground-truth boxes join the proposals (torchvision's add_gt_proposals)
+                proposals = torch.cat([proposals, gtb], dim=1)
+                pvalid = torch.cat([pvalid, gtv], dim=1)
             iou2 = _batched_iou(proposals, gtb).masked_fill(~gtv[:, None, :], -1.0)   # [N, P, G]
             best2, match2 = iou2.max(2)
             positive = pvalid & (best2 >= cfg.box_fg_iou)

@@ -11,6 +11,7 @@ COMMAND_MODULES = (
     "model",       # stvr model info
     "evaluate",    # stvr evaluate
     "train",       # stvr train
+    "pretrain",    # stvr pretrain
     "predict",     # stvr predict
     "demo",        # stvr demo
     "bench",       # stvr bench table1

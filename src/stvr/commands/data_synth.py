@@ -45,6 +45,9 @@ def register(dsub: argparse._SubParsersAction) -> None:
                    help="actor box side as a fraction of the frame side")
     s.add_argument("--segment-seconds", type=int, nargs=2, metavar=("MIN", "MAX"),
                    default=list(d.segment_seconds), help="seconds between atom changes")
+    s.add_argument("--atoms-per-label", type=float, nargs=3, metavar=("P1", "P2", "P3"),
+                   default=list(d.atoms_per_label),
+                   help="weights of 1, 2 and 3 atoms per training actor segment (1 0 0: one atom at a time)")
     s.add_argument("--val-labels", type=int, default=d.num_val_labels, help="held-out validation labels")
     s.add_argument("--test-labels", type=int, default=d.num_test_labels, help="held-out test labels")
     s.add_argument("--heldout-probability", type=float, default=d.heldout_probability,
@@ -76,6 +79,7 @@ def config_from_args(args: argparse.Namespace):
         speed=tuple(float(v) for v in args.speed),
         actor_size=tuple(float(v) for v in args.actor_size),
         segment_seconds=tuple(int(v) for v in args.segment_seconds),
+        atoms_per_label=tuple(float(v) for v in args.atoms_per_label),
         num_val_labels=args.val_labels,
         num_test_labels=args.test_labels,
         heldout_probability=args.heldout_probability,

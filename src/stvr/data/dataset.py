@@ -213,6 +213,10 @@ class TrainPairDataset(_VideoSource, Dataset):
             for s, b in zip(t.seconds, t.boxes):
                 people.setdefault((t.video_id, s), []).append((t.person_id, t.label, b))
         self.by_label = {lab: np.asarray(ix, dtype=np.int64) for lab, ix in by_label.items()}
+        # per tubelet: an integer id of its (video, person), for references from another actor
+        actor_ids: dict[tuple[str, int], int] = {}
+        self._actor_key = np.array([actor_ids.setdefault((t.video_id, t.person_id), len(actor_ids))
+                                    for t in self.tubelets], dtype=np.int64)
         # (video, second) -> (labels list, boxes [n, 4]) of all annotated persons, person order
         self.people: dict[tuple[str, int], tuple[list[tuple[int, ...]], np.ndarray]] = {}
         for key, entries in people.items():
@@ -241,6 +245,9 @@ class TrainPairDataset(_VideoSource, Dataset):
         qs = int(rng.integers(0, len(q) - qmax + 1)) if len(q) > qmax else 0
         qn = min(len(q), qmax)
         cands = self.by_label[q.label]
+        if self.cfg.reference_other_actor:   # another person's tubelet when the label has one
+            others = cands[self._actor_key[cands] != self._actor_key[i]]
+            cands = others if len(others) else cands
         r_index = int(cands[rng.integers(len(cands))])
         r = self.tubelets[r_index]
         rs = int(rng.integers(0, len(r) - rmax + 1)) if len(r) > rmax else 0

@@ -10,18 +10,24 @@ actions* (atoms) that are visible only over time:
 ====  ==========  ==============================================================
  id    name        what changes from frame to frame
 ====  ==========  ==============================================================
- 1     spin        the sprite rotates steadily (2.5-4 rad/s, either direction)
- 2     pulse       its size oscillates (+-22 %, 1.5 or 2 Hz)
+ 1     spin        the sprite rotates steadily (6-9 rad/s, either direction)
+ 2     pulse       its size oscillates (+-35 %, 3 or 3.5 Hz)
  3     blink       its brightness flickers (x0.35 half of the time, 2.5 or 3 Hz)
- 4     wobble      its position jitters in a figure eight (2 or 2.5 Hz)
- 5     colorcycle  its hues rotate (0.75 turns per second)
- 6     scroll      its texture slides inside the still silhouette (1 period/s)
- 7     shake       it rocks back and forth (+-0.5 rad, 3.5 or 4 Hz)
- 8     squash      it stretches in x while shrinking in y and back (+-25 %)
+ 4     wobble      its position jitters in a figure eight (0.45 x its half side, 3 or 3.5 Hz)
+ 5     colorcycle  its hues rotate (1.5 turns per second)
+ 6     scroll      its texture slides inside the still silhouette (2 periods/s)
+ 7     shake       it rocks back and forth (+-0.8 rad, 3.5 or 4 Hz)
+ 8     squash      it stretches in x while shrinking in y and back (+-40 %, 3 or 3.5 Hz)
 ====  ==========  ==============================================================
 
 Every oscillation has a frequency that is a multiple of 0.5 Hz and is zero at
 integer seconds, so atoms switch on and off (at integer seconds) without jumps.
+Generator version 2 made every atom strong and fast enough to be recognized
+within one 8-frame clip (1/3 s): at least one full oscillation, or a rotation /
+hue turn / texture shift of a large fraction, per clip (version 1's atoms were
+too faint: an atom probe named only blink and shake on validation actors;
+``benchmarks/bench_atoms.py``). Layout, paths and labels of a seed are the same
+in both versions.
 The atoms of an actor change every 2-5 seconds; the *combined label* of an
 actor at a second is the sorted tuple of its atom ids (as for AVA persons).
 
@@ -78,7 +84,7 @@ __all__ = [
 ATOMS: dict[int, str] = {1: "spin", 2: "pulse", 3: "blink", 4: "wobble", 5: "colorcycle", 6: "scroll",
                          7: "shake", 8: "squash"}
 #: bump when the rendering or the annotation rules change (invalidates cached roots)
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 _TEX = 32  # texture size (periodic)
 
@@ -264,7 +270,9 @@ def _actor_texture(rng: np.random.Generator, hue0: float) -> np.ndarray:
     """A distinct periodic texture: two-colour smooth pattern plus a third-colour motif."""
     # analogous base pair (their blend stays saturated) + a contrasting motif colour
     hues = hue0 + np.array([0.0, rng.uniform(0.1, 0.22) * rng.choice([-1, 1]), rng.uniform(0.42, 0.58)])
-    cols = _hsv_to_rgb(hues, rng.uniform(0.65, 1.0, 3), rng.uniform(0.75, 1.0, 3))  # [3, 3]
+    # a dark and a bright base colour (v2: luminance contrast makes motion inside the sprite visible)
+    value = rng.uniform(0.0, 1.0, 3) * np.array([0.15, 0.15, 0.25]) + np.array([0.35, 0.85, 0.75])
+    cols = _hsv_to_rgb(hues, rng.uniform(0.65, 1.0, 3), value)  # [3, 3]
     a = _periodic_noise(rng, _TEX, 3, 3)
     b = _periodic_noise(rng, _TEX, 2, 4)
     tex = cols[0] * (1 - a[..., None]) + cols[1] * a[..., None]
@@ -394,15 +402,15 @@ def _plan_video(cfg: SynthConfig, split: str, index: int, labels: _LabelSource) 
             pos=_path(rng, n, fps, S, rx, ry, cfg.speed),
             labels=per_sec[:secs],
             theta0=float(rng.uniform(0, 2 * np.pi)),
-            spin_w=float(rng.uniform(2.5, 4.0) * rng.choice([-1, 1])),
-            pulse_f=float(rng.choice([1.5, 2.0])),
+            spin_w=float(rng.uniform(6.0, 9.0) * rng.choice([-1, 1])),
+            pulse_f=float(rng.choice([3.0, 3.5])),
             blink_f=float(rng.choice([2.5, 3.0])),
-            wobble_f=float(rng.choice([2.0, 2.5])),
-            wobble_amp=float(0.22 * min(rx, ry)),
-            hue_speed=float(2 * np.pi * 0.75 * rng.choice([-1, 1])),
-            scroll_v=scroll / max(float(np.linalg.norm(scroll)), 1e-9),  # 1 texture period per second
+            wobble_f=float(rng.choice([3.0, 3.5])),
+            wobble_amp=float(0.45 * min(rx, ry)),
+            hue_speed=float(2 * np.pi * 1.5 * rng.choice([-1, 1])),
+            scroll_v=2.0 * scroll / max(float(np.linalg.norm(scroll)), 1e-9),  # 2 texture periods per second
             shake_f=float(rng.choice([3.5, 4.0])),
-            squash_f=float(rng.choice([1.5, 2.0])),
+            squash_f=float(rng.choice([3.0, 3.5])),
         ))
     return VideoScript(vid, split, secs, S, fps, background, pan, pan_offset, occluder, actors)
 
@@ -438,9 +446,9 @@ class _ActorTrack:
         s2p = 2 * np.pi
         osc = lambda f: np.sin(s2p * f * t)  # noqa: E731 - zero at integer seconds for f in 0.5 Z
         self.angle = (a.theta0 + np.concatenate([[0.0], np.cumsum(act[1][:-1])]) * a.spin_w / fps
-                      + act[7] * 0.5 * osc(a.shake_f))
-        pulse = 1 + act[2] * 0.22 * osc(a.pulse_f)
-        sq = act[8] * 0.25 * osc(a.squash_f)
+                      + act[7] * 0.8 * osc(a.shake_f))
+        pulse = 1 + act[2] * 0.35 * osc(a.pulse_f)
+        sq = act[8] * 0.4 * osc(a.squash_f)
         self.sx = pulse * (1 + sq)
         self.sy = pulse * (1 - sq)
         self.dark = (act[3] > 0) & (np.mod(a.blink_f * t + 1e-9, 1.0) >= 0.5)  # blink: dark 2nd half-periods

@@ -1,0 +1,56 @@
+"""``stvr pretrain``: pretrain the tiny backbone to name the actions of annotated actors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from .train import add_config_arguments
+
+    p = sub.add_parser(
+        "pretrain", help="pretrain the cpu preset's backbone on a dataset root's training actors",
+        description="The analogue of the paper's Kinetics pretraining for the tiny backbone: every annotated "
+        "person of the training videos is a sample (an 8-frame clip, its box, its set of action ids); the "
+        "backbone's map is cropped at the box as the matching network crops the query and a linear layer "
+        "names the actions (multi-label). Writes the backbone's weights as .safetensors; use them with "
+        "--set model.backbone_weights=FILE (the cpu preset's default, 'builtin', is such a file shipped "
+        "with the package).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_arguments(p)
+    p.add_argument("--data", required=True, help="dataset root (annotations/train.csv; val.csv for AUCs)")
+    p.add_argument("--out", required=True, help="the .safetensors file to write (replaced if it exists)")
+    p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=16, help="actor clips per step")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay)")
+    p.add_argument("--seed", type=int, default=0, help="initialization and sampling seed")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from ..pretrain import pretrain_backbone
+    from .train import config_from_args
+
+    for name, v in (("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    cfg = config_from_args(args)
+    if cfg.model.backbone != "tiny":
+        raise ValueError("stvr pretrain trains the tiny backbone (the paper preset starts from Kinetics I3D "
+                         "weights: model.i3d_weights)")
+    cfg.model.backbone_weights = None  # pretraining starts from a random initialization
+    summary = pretrain_backbone(args.data, cfg.model, args.out, steps=args.steps, batch_size=args.batch_size,
+                                lr=args.lr, seed=args.seed, workers=args.workers, device=args.device,
+                                progress=not args.quiet,
+                                recipe="stvr " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    print(json.dumps(summary, indent=2))
+    return 0
