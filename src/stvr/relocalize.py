@@ -527,7 +527,7 @@ def score_warnings(detections: Sequence[np.ndarray]) -> list[str]:
 def training_data_warnings(dataset: Mapping[str, Any] | None, reference: Mapping[str, Any]) -> list[str]:
     """Warnings when the reference does not look like the model's training data.
 
-    ``dataset`` is a checkpoint's ``"dataset"`` record (:func:`stvr.train.dataset_provenance`),
+    ``dataset`` is a checkpoint's ``"dataset"`` record (:func:`stvr.checkpoint.dataset_provenance`),
     ``reference`` the result's ``"reference"`` dict. A cheap heuristic: a model trained on
     the synthetic benchmark (square rendered videos of one size) given a reference of
     another size; any model given a reference whose aspect ratio is far from its

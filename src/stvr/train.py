@@ -9,21 +9,13 @@ in validation).
 
 Files of a run folder ``out_dir``:
 
-- ``last.safetensors``: model weights; ``last.optim.safetensors``: the
-  optimizer's momentum buffers; ``last.json``: step, optimizer hyper-parameters,
-  RNG states (per rank under DDP), the best validation score so far and the
-  full config. No pickle anywhere.
-- ``best.safetensors`` / ``best.json``: the checkpoint with the best validation
-  frame-mAP@0.5 (when validation runs).
+- ``last.safetensors`` / ``last.optim.safetensors`` / ``last.json``: the latest
+  checkpoint (weights, momentum buffers, step, RNG states, config);
+  ``best.safetensors`` / ``best.json``: the checkpoint with the best validation
+  frame-mAP@0.5 (when validation runs). Their format and crash-consistent commit
+  are :mod:`stvr.checkpoint`'s.
 - ``config.json``: the run's config; ``train_log.csv`` and ``val_log.csv``;
   ``tensorboard/`` when the ``tensorboard`` package is installed.
-
-A checkpoint is committed crash-consistently: both ``.safetensors`` files are
-written as ``*.tmp`` first (each carries its step in the safetensors metadata),
-then ``<name>.json.tmp`` appears atomically (the commit point), then the three
-files are renamed into place. A run killed before the commit point keeps the
-previous checkpoint intact; one killed after it is rolled forward by
-:func:`recover_checkpoint` when resuming.
 
 Resuming (``resume=True``, the default) continues from ``last.*``; because the
 data order and every per-sample random draw are functions of (seed, step), and
@@ -34,16 +26,14 @@ the same device, thread count and number of processes).
 
 from __future__ import annotations
 
-import base64
 import csv
 import functools
-import json
 import logging
 import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -52,13 +42,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .config import Config, config_from_dict, config_to_dict, save_config
+# the checkpoint names stay importable from here (they live in stvr.checkpoint)
+from .checkpoint import (CHECKPOINT_BEST, CHECKPOINT_LAST, checkpoint_files,  # noqa: F401
+                         dataset_provenance, load_checkpoint, recover_checkpoint,
+                         resolve_checkpoint, restore_training_state, rng_state,
+                         save_checkpoint, unwrap_model)
+from .config import Config, save_config
 from .utils import resolve_device
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_LAST = "last"
-CHECKPOINT_BEST = "best"
 
 
 # --------------------------------------------------------------------------- devices / DDP
@@ -168,278 +160,6 @@ class EpochIndexed(Dataset):
         return self.dataset[i]
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-_CKPT_FORMAT = "stvr-checkpoint-1"
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
-def _rng_state() -> dict[str, Any]:
-    """JSON-ready RNG states of torch (CPU and CUDA), numpy and python."""
-    np_state = np.random.get_state()
-    state = {
-        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        "python": _listify(random.getstate()),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode()
-                         for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def _listify(x):
-    return [_listify(v) for v in x] if isinstance(x, (tuple, list)) else x
-
-
-def _tuplify(x):
-    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])),
-                                         dtype=torch.uint8))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    random.setstate(_tuplify(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([
-            torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
-            for s in state["cuda"]][: torch.cuda.device_count()])
-
-
-def _checkpoint_files(name: str) -> tuple[str, str]:
-    return f"{name}.safetensors", f"{name}.optim.safetensors"
-
-
-def recover_checkpoint(out_dir: str | Path, name: str = CHECKPOINT_LAST) -> None:
-    """Finish or discard a checkpoint commit that was interrupted.
-
-    If ``<name>.json.tmp`` (the commit marker) exists, the new checkpoint was
-    completely written: the remaining ``*.tmp`` files are renamed into place
-    (roll forward). Otherwise leftover ``*.tmp`` / ``.part`` files of ``name``
-    are deleted and the previous checkpoint stays as it was.
-    """
-    out = Path(out_dir)
-    marker = out / f"{name}.json.tmp"
-    if marker.exists():
-        for fname in _checkpoint_files(name):
-            tmp = out / f"{fname}.tmp"
-            if tmp.exists():
-                os.replace(tmp, out / fname)
-        os.replace(marker, out / f"{name}.json")
-        return
-    for fname in (*_checkpoint_files(name), f"{name}.json"):
-        for suffix in (".tmp", ".part"):
-            (out / f"{fname}{suffix}").unlink(missing_ok=True)
-
-
-def save_checkpoint(out_dir: str | Path, name: str, model: nn.Module,
-                    optimizer: torch.optim.Optimizer | None, cfg: Config,
-                    step: int, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``<name>.safetensors`` (+ ``<name>.optim.safetensors``) and ``<name>.json``.
-
-    The weights are the model's ``state_dict`` (float tensors, CPU); the
-    optimizer file holds one momentum buffer per parameter name. The JSON
-    holds ``step``, ``config`` (``config_to_dict``), ``rng`` (this process's
-    RNG states), ``optimizer.param_groups`` (hyper-parameters) and ``extra``.
-    The commit is crash-consistent (see the module docstring). Returns the
-    path of the weights file.
-    """
-    from safetensors.torch import save
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    recover_checkpoint(out, name)
-    meta = {"step": str(int(step)), "format": _CKPT_FORMAT}
-    net = _unwrap(model)
-    weights = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    weights_file, optim_file = _checkpoint_files(name)
-    _fsync_write(out / f"{weights_file}.tmp", save(weights, metadata=meta))
-    state: dict[str, Any] = {"step": int(step), "format": _CKPT_FORMAT,
-                             "config": config_to_dict(cfg), "rng": _rng_state()}
-    if optimizer is not None:
-        names = {id(p): n for n, p in net.named_parameters()}
-        buffers, groups = {}, []
-        for group in optimizer.param_groups:
-            groups.append({k: v for k, v in group.items() if k != "params"})
-            for p in group["params"]:
-                buf = optimizer.state.get(p, {}).get("momentum_buffer")
-                if buf is not None:
-                    buffers[names[id(p)]] = buf.detach().cpu().contiguous()
-        _fsync_write(out / f"{optim_file}.tmp", save(buffers, metadata=meta))
-        state["optimizer"] = {"param_groups": groups}
-    state["dataset"] = dataset_provenance(cfg)
-    state.update(extra or {})
-    part = out / f"{name}.json.part"
-    _fsync_write(part, (json.dumps(state, indent=1) + "\n").encode())
-    os.replace(part, out / f"{name}.json.tmp")          # commit point
-    recover_checkpoint(out, name)                       # rename into place
-    return out / weights_file
-
-
-_PROVENANCE: dict[str, dict[str, Any]] = {}
-
-
-def dataset_provenance(cfg: Config) -> dict[str, Any]:
-    """What a model is trained on, stored in every checkpoint JSON under ``"dataset"``:
-    ``{"name": dataset.json's name ("synthetic", "ava", "ucf24", ...) or None, "root",
-    "video": {"width", "height", "fps"} of the first training video or None}``.
-    :func:`stvr.relocalize.relocalize` compares a reference with it (issue 12)."""
-    root = Path(cfg.data.root)
-    key = str(root.resolve()) if root.exists() else str(root)
-    if key in _PROVENANCE:
-        return dict(_PROVENANCE[key])
-    info: dict[str, Any] = {"name": None, "root": str(root), "video": None}
-    try:
-        ds = json.loads((root / "dataset.json").read_text())
-        info["name"] = ds.get("name")
-        from .data import video
-        from .data.pairs import resolve_video_path
-
-        ids = list(ds.get("train_videos") or []) + list(ds.get("videos") or {})
-        for vid in ids[:1]:
-            v = video.probe(resolve_video_path(root, ds, vid, cfg.data.videos))
-            info["video"] = {"width": v.width, "height": v.height, "fps": round(float(v.fps), 3)}
-    except (OSError, ValueError, TypeError, AttributeError):
-        pass
-    _PROVENANCE[key] = info
-    return dict(info)
-
-
-def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
-    """(weights file, state JSON) of a checkpoint given as a run folder, a
-    ``.safetensors`` file or its ``.json``. A folder resolves to ``best`` when
-    present, else ``last``."""
-    p = Path(path)
-    if p.is_dir():
-        for name in (CHECKPOINT_BEST, CHECKPOINT_LAST):
-            if (p / f"{name}.safetensors").exists():
-                return p / f"{name}.safetensors", p / f"{name}.json"
-        raise FileNotFoundError(f"{p}: no best.safetensors or last.safetensors in this folder "
-                                f"(train a model first: `stvr train --out {p}` or `stvr demo`)")
-    if p.suffix == ".json":
-        p = p.with_suffix(".safetensors")
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint {p} does not exist")
-    return p, p.with_suffix(".json")
-
-
-def _file_step(path: Path) -> int | None:
-    """The step stored in a safetensors file's metadata (None for files without it)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return int(meta["step"]) if "step" in meta else None
-
-
-def _check_step(path: Path, step: int) -> None:
-    found = _file_step(path)
-    if found is not None and found != step:
-        raise ValueError(f"{path} holds step {found} but its JSON says step {step}; the "
-                         f"checkpoint is being written or was damaged")
-
-
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild the model of a checkpoint: returns ``(model, config, state)``.
-
-    Weights are read with safetensors (no pickle); the config comes from the
-    checkpoint's JSON. The model is returned in eval mode on ``device``.
-
-    Raises:
-        FileNotFoundError: no checkpoint at ``path`` or its JSON is missing.
-        ValueError: weights that do not fit the config, or weights and JSON of
-            different steps.
-    """
-    from safetensors.torch import load_file
-
-    from .model import STVRModel
-
-    weights_path, state_path = resolve_checkpoint(path)
-    if not state_path.exists():
-        raise FileNotFoundError(f"{state_path}: the checkpoint's JSON (config, step) is missing")
-    try:
-        state = json.loads(state_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{state_path}: not valid JSON ({err})") from None
-    from safetensors import SafetensorError
-
-    if not isinstance(state, dict) or "config" not in state or "step" not in state:
-        raise ValueError(f"{state_path}: not an stvr checkpoint state (no 'config'/'step')")
-    try:
-        step = int(state["step"])
-        cfg = config_from_dict(state["config"])
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{state_path}: bad checkpoint config: {err}") from None
-    try:
-        _check_step(weights_path, step)
-        weights = load_file(str(weights_path))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{weights_path}: not a readable safetensors checkpoint "
-                         f"(corrupt or not a weights file: {err})") from None
-    cfg.model.i3d_weights = None  # weights come from the checkpoint, not the backbone file
-    model = STVRModel(cfg.model)
-    try:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-    except RuntimeError as err:  # a tensor of the wrong shape
-        raise ValueError(f"{weights_path}: does not fit the model of its config "
-                         f"({str(err).splitlines()[-1].strip() if str(err) else err})") from None
-    if missing or unexpected:
-        raise ValueError(f"{weights_path}: does not fit the model of its config "
-                         f"(missing {missing[:5]}..., unexpected {unexpected[:5]}...)")
-    return model.to(device).eval(), cfg, state
-
-
-def _restore_training_state(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                            device: torch.device, dist_info: DistInfo, cfg: Config) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    state = json.loads((out_dir / f"{CHECKPOINT_LAST}.json").read_text())
-    step = int(state["step"])
-    current = json.loads(json.dumps(config_to_dict(cfg)))
-    if state["config"].get("model") != current["model"]:
-        diff = sorted(k for k in current["model"] if state["config"]["model"].get(k) != current["model"][k])
-        raise ValueError(f"{out_dir}: its checkpoint was trained with another model config "
-                         f"(fields {diff}); resume with the same config or start a fresh run "
-                         f"(--no-resume / another --out)")
-    changed = sorted(f"{sec}.{k}" for sec in ("data", "train")
-                     for k in current[sec] if state["config"][sec].get(k) != current[sec][k])
-    if changed:
-        log.warning("%s: resuming with changed settings %s", out_dir, changed)
-    weights_file, optim_file = (out_dir / f for f in _checkpoint_files(CHECKPOINT_LAST))
-    _check_step(weights_file, step)
-    _check_step(optim_file, step)
-    net = _unwrap(model)
-    net.load_state_dict(load_file(str(weights_file), device=str(device)))
-    buffers = load_file(str(optim_file), device=str(device))
-    params = dict(net.named_parameters())
-    for name, buf in buffers.items():
-        optimizer.state[params[name]]["momentum_buffer"] = buf
-    for group, saved in zip(optimizer.param_groups, state["optimizer"]["param_groups"]):
-        group.update(saved)
-    ranks = state.get("rng_ranks")
-    if ranks is not None and len(ranks) == dist_info.world_size:
-        _set_rng_state(ranks[dist_info.rank])
-    else:
-        if dist_info.world_size > 1 or ranks is not None:
-            log.warning("resuming with %d process(es) from a checkpoint written by %s; the "
-                        "random draws will differ from an uninterrupted run",
-                        dist_info.world_size, len(ranks) if ranks else 1)
-        _set_rng_state(state["rng"])
-    return state
-
-
 # --------------------------------------------------------------------------- logging
 
 
@@ -528,7 +248,7 @@ def _gather_rng(dist_info: DistInfo) -> list[dict[str, Any]] | None:
     import torch.distributed as dist
 
     states: list[Any] = [None] * dist_info.world_size
-    dist.all_gather_object(states, _rng_state())
+    dist.all_gather_object(states, rng_state())
     return states
 
 
@@ -581,39 +301,89 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True,
     Returns ``{"step", "loss", "best_val_map", "best_step", "seconds",
     "clips_per_second", "checkpoint", "skipped_batches", "failed_samples"}``.
     """
-    from tqdm import tqdm
-
-    from .data.dataset import collate_pairs
-    from .model import STVRModel
-
     check_backbone_weights(cfg)
     tc = cfg.train
     total_steps = int(max_steps if max_steps is not None else tc.max_steps)
     if total_steps < 0:
         raise ValueError(f"max_steps must be >= 0, got {total_steps}")
     dist_info, device = init_distributed(tc.device)
-    out = Path(out_dir)
+    out = _prepare_run_folder(cfg, Path(out_dir), dist_info)
+    if train_set is None:
+        train_set, default_val = build_datasets(cfg)
+        val_set = val_set if val_set is not None else default_val
+
+    model, optimizer = _build_model(cfg, device)
+    resumed, start_step, best = _start_or_resume(cfg, out, model, optimizer, device, dist_info, resume)
+    if dist_info.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True)
+    end_step = total_steps if stop_after is None else min(total_steps, start_step + stop_after)
+    loader = _make_loader(cfg, train_set, start_step, end_step, dist_info, device)
+    run = _Run(cfg, out, dist_info, device, model, optimizer, end_step, progress,
+               step=start_step, best=best)
+    _open_logs(run, resumed, start_step, with_val=val_set is not None)
+
+    model.train()
+    for batch in loader:
+        lr = _set_learning_rate(optimizer, run.step, tc)
+        run.step += 1
+        losses, grad_norm = _train_step(run, batch)
+        if dist_info.is_main:
+            _log_step(run, lr, batch, losses, grad_norm)
+        if val_set is not None and tc.eval_every > 0 and run.step % tc.eval_every == 0:
+            _validate_and_keep_best(run, val_set)
+        if run.step % tc.checkpoint_every == 0 or run.step == end_step:
+            _save_last(run)
+    return _finish(run)
+
+
+# ------------------------------------------------------------------ train(): setup
+
+
+def _prepare_run_folder(cfg: Config, out: Path, dist_info: DistInfo) -> Path:
+    """Create the run folder, write ``config.json`` and finish interrupted checkpoint commits."""
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.json")
         for name in (CHECKPOINT_LAST, CHECKPOINT_BEST):
             recover_checkpoint(out, name)
     _barrier(dist_info)
+    return out
 
-    if train_set is None:
-        train_set, default_val = build_datasets(cfg)
-        val_set = val_set if val_set is not None else default_val
 
+def _build_model(cfg: Config, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The model (seeded by ``train.seed``) and its SGD optimizer: one parameter group for
+    the heads and one for the backbone, whose learning rate is scaled by
+    ``train.backbone_lr_scale`` (``lr_scale`` of each group)."""
+    from .model import STVRModel
+
+    tc = cfg.train
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
     random.seed(tc.seed)
     model = STVRModel(cfg.model).to(device)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
+    backbone_ids = {id(p) for p in model.backbone.parameters()}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in backbone_ids],
+               "lr_scale": 1.0},
+              {"params": [p for p in model.backbone.parameters() if p.requires_grad],
+               "lr_scale": float(tc.backbone_lr_scale)}]
+    optimizer = torch.optim.SGD([g for g in groups if g["params"]],
                                 lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+    return model, optimizer
+
+
+def _start_or_resume(cfg: Config, out: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     device: torch.device, dist_info: DistInfo,
+                     resume: bool) -> tuple[bool, int, dict[str, Any]]:
+    """``(resumed, start step, best validation score)``: restored from ``last.*`` when
+    resuming (logs cut back to its step), else a fresh run whose folder is cleared of an
+    older run's checkpoints and logs."""
     start_step, best = 0, {"map": -math.inf, "step": -1}
     resumed = resume and (out / f"{CHECKPOINT_LAST}.json").exists()
     if resumed:
-        state = _restore_training_state(out, model, optimizer, device, dist_info, cfg)
+        state = restore_training_state(out, model, optimizer, device, cfg,
+                                       dist_info.rank, dist_info.world_size)
         start_step = int(state["step"])
         saved = state.get("best") or {}
         if saved.get("map") is not None:
@@ -624,125 +394,194 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True,
     elif dist_info.is_main:
         _remove_checkpoints(out)       # a fresh run must not leave an older run's best.* behind
     _barrier(dist_info)
-    if dist_info.world_size > 1:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True)
+    return resumed, start_step, best
 
-    end_step = total_steps if stop_after is None else min(total_steps, start_step + stop_after)
-    sampler = StepBatchSampler(len(train_set), tc.batch_size, tc.seed, start_step, end_step,
+
+def _make_loader(cfg: Config, train_set: Dataset, start_step: int, end_step: int,
+                 dist_info: DistInfo, device: torch.device) -> DataLoader:
+    """The training batches of steps ``start_step .. end_step - 1`` (:class:`StepBatchSampler`)."""
+    from .data.dataset import collate_pairs
+
+    tc = cfg.train
+    sampler = StepBatchSampler(len(train_set), tc.batch_size, tc.seed, start_step, end_step,  # type: ignore[arg-type]
                                dist_info.rank, dist_info.world_size)
     # the loader's own generator: creating its iterator must not consume the global RNG
     # (it would shift every later random draw of a resumed run)
     # second-stage loss normalized over the padded training length, as officially (B x 6 clips)
     loss_clips = cfg.data.reference_seconds * (cfg.data.fps // cfg.model.clip_frames)
-    loader = DataLoader(EpochIndexed(train_set), batch_sampler=sampler,
-                        collate_fn=functools.partial(collate_pairs, loss_clips=loss_clips), num_workers=cfg.data.num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False,
-                        generator=torch.Generator().manual_seed(tc.seed * 1_000_003 + start_step))
-    fields = ["step", "lr", "loss", "rpn_objectness", "rpn_box", "box_classifier", "box_reg",
-              "grad_norm", "clips_per_second", "seconds"]
-    main = dist_info.is_main
-    tlog = _CsvLog(out / "train_log.csv", fields, append=resumed) if main else None
-    vlog = (_CsvLog(out / "val_log.csv", ["step", "mAP@0.3", "mAP@0.5", "mAP@0.7", *VAL_DIAGNOSTICS],
-                    append=resumed) if main and val_set is not None else None)
-    tb = _tensorboard(out, start_step if resumed else None) if main else None
+    return DataLoader(EpochIndexed(train_set), batch_sampler=sampler,
+                      collate_fn=functools.partial(collate_pairs, loss_clips=loss_clips), num_workers=cfg.data.num_workers,
+                      pin_memory=device.type == "cuda", persistent_workers=False,
+                      generator=torch.Generator().manual_seed(tc.seed * 1_000_003 + start_step))
 
-    model.train()
-    step, loss_value, t0 = start_step, float("nan"), time.perf_counter()
-    clips_seen, window_t, window_clips, skipped = 0, time.perf_counter(), 0, 0
-    failures = 0   # counted here, from the batches: loader workers' dataset copies never report back
-    bar = tqdm(total=end_step, initial=start_step, disable=not (progress and main),
-               desc="train", dynamic_ncols=True)
-    for batch in loader:
-        lr = learning_rate(step, tc.lr, tc.lr_steps, tc.lr_gamma)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step += 1
-        if batch is None:  # every sample of the batch failed to load
-            if dist_info.world_size > 1:
-                raise RuntimeError(f"step {step}: no sample of this rank's batch could be loaded")
-            skipped += 1
-            failures += tc.batch_size
-            log.warning("step %d: skipped, no sample of the batch could be loaded", step)
-        else:
-            failures += len(batch.failures)
-            batch = batch.to(device, non_blocking=True)
-            losses = model(batch)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip_norm)
-            optimizer.step()
-            n_clips = (int(batch.reference_mask.sum()) + int(batch.query_clips.shape[0])) \
-                * dist_info.world_size
-            clips_seen += n_clips
-            window_clips += n_clips
-            loss_value = float(losses["loss"].detach())
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at step {step}; lower train.lr")
-        if main:
-            now = time.perf_counter()
-            speed = window_clips / max(now - window_t, 1e-9)
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2g}", clips_s=f"{speed:.1f}")
-            bar.update(1)
-            if batch is not None and (step % tc.log_every == 0 or step == end_step):
-                row = {"step": step, "lr": lr, "loss": loss_value,
-                       "grad_norm": float(grad_norm), "clips_per_second": round(speed, 3),
-                       "seconds": round(now - t0, 3)}
-                row.update({k: float(v.detach()) for k, v in losses.items() if k != "loss"})
-                tlog.write(row)
-                if tb is not None:
-                    for k, v in row.items():
-                        if k != "step":
-                            tb.add_scalar(f"train/{k}", v, step)
-                window_t, window_clips = now, 0
-        if val_set is not None and tc.eval_every > 0 and step % tc.eval_every == 0:
-            scores = validate(_unwrap(model), val_set, device, dist_info)
-            model.train()
-            m = scores["0.5"]                  # the same on every rank (gathered detections)
-            improved = math.isfinite(m) and m > best["map"]
-            if improved:
-                best = {"map": m, "step": step}
-            if main:
-                columns = {(k if k in VAL_DIAGNOSTICS else f"mAP@{k}"): v for k, v in scores.items()}
-                vlog.write({"step": step, **columns})
-                if tb is not None:
-                    for k, v in columns.items():
-                        tb.add_scalar(f"val/{k}", v, step)
-                if progress:
-                    diag = "".join(f", {k.replace('_', ' ')} {scores[k]:.3f}" for k in VAL_DIAGNOSTICS
-                                   if k in scores)
-                    bar.write(f"step {step}: validation frame-mAP@0.5 = {m:.4f}{diag}")
-                log.info("step %d: validation frame-mAP %s", step, scores)
-                if improved:
-                    save_checkpoint(out, CHECKPOINT_BEST, model, None, cfg, step,
-                                    {"best": _best_json(best)})
-        if step % tc.checkpoint_every == 0 or step == end_step:
-            rng_ranks = _gather_rng(dist_info)
-            if main:
-                extra: dict[str, Any] = {"best": _best_json(best)}
-                if rng_ranks is not None:
-                    extra["rng_ranks"] = rng_ranks
-                save_checkpoint(out, CHECKPOINT_LAST, model, optimizer, cfg, step, extra)
-    bar.close()
+
+@dataclass
+class _Run:
+    """What the pieces of :func:`train` share: the run's setting and its running state."""
+
+    cfg: Config
+    out: Path
+    dist_info: DistInfo
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    end_step: int
+    progress: bool
+    step: int = 0
+    best: dict[str, Any] = field(default_factory=lambda: {"map": -math.inf, "step": -1})
+    loss_value: float = float("nan")
+    clips_seen: int = 0
+    skipped: int = 0
+    failures: int = 0   # counted here, from the batches: loader workers' dataset copies never report back
+    t0: float = 0.0
+    window_t: float = 0.0
+    window_clips: int = 0
+    tlog: Any = None    # the logs and the progress bar (rank 0 only)
+    vlog: Any = None
+    tb: Any = None
+    bar: Any = None
+
+
+_TRAIN_LOG_FIELDS = ["step", "lr", "loss", "rpn_objectness", "rpn_box", "box_classifier", "box_reg",
+                     "grad_norm", "clips_per_second", "seconds"]
+
+
+def _open_logs(run: _Run, resumed: bool, start_step: int, with_val: bool) -> None:
+    """``train_log.csv``, ``val_log.csv`` (with validation), tensorboard and the progress bar;
+    starts the clocks."""
+    from tqdm import tqdm
+
+    main = run.dist_info.is_main
+    run.tlog = _CsvLog(run.out / "train_log.csv", _TRAIN_LOG_FIELDS, append=resumed) if main else None
+    run.vlog = (_CsvLog(run.out / "val_log.csv", ["step", "mAP@0.3", "mAP@0.5", "mAP@0.7", *VAL_DIAGNOSTICS],
+                        append=resumed) if main and with_val else None)
+    run.tb = _tensorboard(run.out, start_step if resumed else None) if main else None
+    run.t0 = run.window_t = time.perf_counter()
+    run.bar = tqdm(total=run.end_step, initial=start_step, disable=not (run.progress and main),
+                   desc="train", dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------ train(): one step
+
+
+def _set_learning_rate(optimizer: torch.optim.Optimizer, step: int, tc: Any) -> float:
+    """Set every group's learning rate for ``step`` (scaled by its ``lr_scale``); returns it."""
+    lr = learning_rate(step, tc.lr, tc.lr_steps, tc.lr_gamma)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return lr
+
+
+def _train_step(run: _Run, batch: Any) -> tuple[dict[str, torch.Tensor] | None, torch.Tensor | None]:
+    """Forward, backward, clipping and the SGD update of one batch -> ``(losses, grad norm)``;
+    ``(None, None)`` for a batch of which no sample could be loaded (skipped, counted)."""
+    tc, dist_info = run.cfg.train, run.dist_info
+    if batch is None:  # every sample of the batch failed to load
+        if dist_info.world_size > 1:
+            raise RuntimeError(f"step {run.step}: no sample of this rank's batch could be loaded")
+        run.skipped += 1
+        run.failures += tc.batch_size
+        log.warning("step %d: skipped, no sample of the batch could be loaded", run.step)
+        return None, None
+    run.failures += len(batch.failures)
+    batch = batch.to(run.device, non_blocking=True)
+    losses = run.model(batch)
+    run.optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc.grad_clip_norm)
+    run.optimizer.step()
+    n_clips = (int(batch.reference_mask.sum()) + int(batch.query_clips.shape[0])) \
+        * dist_info.world_size
+    run.clips_seen += n_clips
+    run.window_clips += n_clips
+    run.loss_value = float(losses["loss"].detach())
+    if not math.isfinite(run.loss_value):
+        raise FloatingPointError(f"loss is {run.loss_value} at step {run.step}; lower train.lr")
+    return losses, grad_norm
+
+
+def _log_step(run: _Run, lr: float, batch: Any, losses: dict[str, torch.Tensor] | None,
+              grad_norm: torch.Tensor | None) -> None:
+    """Progress bar, and every ``train.log_every`` steps (and at the end) a row of
+    ``train_log.csv`` (and tensorboard). Rank 0 only."""
+    now = time.perf_counter()
+    speed = run.window_clips / max(now - run.window_t, 1e-9)
+    run.bar.set_postfix(loss=f"{run.loss_value:.3f}", lr=f"{lr:.2g}", clips_s=f"{speed:.1f}")
+    run.bar.update(1)
+    if batch is not None and (run.step % run.cfg.train.log_every == 0 or run.step == run.end_step):
+        row = {"step": run.step, "lr": lr, "loss": run.loss_value,
+               "grad_norm": float(grad_norm), "clips_per_second": round(speed, 3),
+               "seconds": round(now - run.t0, 3)}
+        row.update({k: float(v.detach()) for k, v in losses.items() if k != "loss"})
+        run.tlog.write(row)
+        if run.tb is not None:
+            for k, v in row.items():
+                if k != "step":
+                    run.tb.add_scalar(f"train/{k}", v, run.step)
+        run.window_t, run.window_clips = now, 0
+
+
+# ------------------------------------------------------------------ train(): validation, checkpoints
+
+
+def _validate_and_keep_best(run: _Run, val_set: Dataset) -> None:
+    """Validate (every rank), log the scores (rank 0) and save ``best.*`` when mAP@0.5 improved."""
+    scores = validate(unwrap_model(run.model), val_set, run.device, run.dist_info)
+    run.model.train()
+    m = scores["0.5"]                  # the same on every rank (gathered detections)
+    improved = math.isfinite(m) and m > run.best["map"]
+    if improved:
+        run.best = {"map": m, "step": run.step}
+    if not run.dist_info.is_main:
+        return
+    columns = {(k if k in VAL_DIAGNOSTICS else f"mAP@{k}"): v for k, v in scores.items()}
+    run.vlog.write({"step": run.step, **columns})
+    if run.tb is not None:
+        for k, v in columns.items():
+            run.tb.add_scalar(f"val/{k}", v, run.step)
+    if run.progress:
+        diag = "".join(f", {k.replace('_', ' ')} {scores[k]:.3f}" for k in VAL_DIAGNOSTICS
+                       if k in scores)
+        run.bar.write(f"step {run.step}: validation frame-mAP@0.5 = {m:.4f}{diag}")
+    log.info("step %d: validation frame-mAP %s", run.step, scores)
+    if improved:
+        save_checkpoint(run.out, CHECKPOINT_BEST, run.model, None, run.cfg, run.step,
+                        {"best": _best_json(run.best)})
+
+
+def _save_last(run: _Run) -> None:
+    """``last.*`` with every rank's RNG state (gathered on all ranks, written by rank 0)."""
+    rng_ranks = _gather_rng(run.dist_info)
+    if run.dist_info.is_main:
+        extra: dict[str, Any] = {"best": _best_json(run.best)}
+        if rng_ranks is not None:
+            extra["rng_ranks"] = rng_ranks
+        save_checkpoint(run.out, CHECKPOINT_LAST, run.model, run.optimizer, run.cfg, run.step, extra)
+
+
+def _finish(run: _Run) -> dict[str, Any]:
+    """Close the logs (``last.*`` written if no step wrote it) and return the summary."""
+    out, main, best = run.out, run.dist_info.is_main, run.best
+    run.bar.close()
     if main and not (out / f"{CHECKPOINT_LAST}.json").exists():
-        save_checkpoint(out, CHECKPOINT_LAST, model, optimizer, cfg, step, {"best": _best_json(best)})
-    if tb is not None:
-        tb.close()
-    _barrier(dist_info)
-    elapsed = time.perf_counter() - t0
-    if skipped or failures:
-        log.warning("training: %d sample(s) failed to load, %d step(s) skipped", failures, skipped)
+        save_checkpoint(out, CHECKPOINT_LAST, run.model, run.optimizer, run.cfg, run.step,
+                        {"best": _best_json(best)})
+    if run.tb is not None:
+        run.tb.close()
+    _barrier(run.dist_info)
+    elapsed = time.perf_counter() - run.t0
+    if run.skipped or run.failures:
+        log.warning("training: %d sample(s) failed to load, %d step(s) skipped", run.failures, run.skipped)
     return {
-        "step": step,
-        "loss": loss_value,
+        "step": run.step,
+        "loss": run.loss_value,
         "best_val_map": None if best["step"] < 0 else best["map"],
         "best_step": None if best["step"] < 0 else best["step"],
         "seconds": elapsed,
-        "clips_per_second": clips_seen / max(elapsed, 1e-9),
+        "clips_per_second": run.clips_seen / max(elapsed, 1e-9),
         "checkpoint": str(out / f"{CHECKPOINT_LAST}.safetensors"),
-        "skipped_batches": skipped,
-        "failed_samples": int(failures),
+        "skipped_batches": run.skipped,
+        "failed_samples": int(run.failures),
     }
 
 
@@ -755,7 +594,7 @@ def _best_json(best: dict[str, Any]) -> dict[str, Any]:
 
 def _remove_checkpoints(out: Path) -> None:
     for name in (CHECKPOINT_LAST, CHECKPOINT_BEST):
-        for fname in (*_checkpoint_files(name), f"{name}.json"):
+        for fname in (*checkpoint_files(name), f"{name}.json"):
             for suffix in ("", ".tmp", ".part"):
                 (out / f"{fname}{suffix}").unlink(missing_ok=True)
     for log_name in ("train_log.csv", "val_log.csv", "results.json"):  # results.json: stale results of the old model

@@ -85,7 +85,8 @@ def _read_json(path: Path) -> Any:
 def run_one(method: str, seed: int, args: argparse.Namespace, steps: int | None, dataset_cache: dict) -> dict:
     """Train (or resume) and evaluate one (method, seed) run; returns its results dict."""
     from ..config import config_to_dict
-    from ..train import load_checkpoint, train
+    from ..checkpoint import load_checkpoint
+    from ..train import train
 
     name, cell, _, _ = METHODS[method]
     device = device_name(args.device)

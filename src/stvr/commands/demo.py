@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..model import STVRModel
-    from ..train import load_checkpoint, spawn_train, train
+    from ..checkpoint import load_checkpoint
+    from ..train import spawn_train, train
 
     t_start = time.perf_counter()
     progress = not args.quiet

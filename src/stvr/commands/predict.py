@@ -39,11 +39,11 @@ def run(args: argparse.Namespace) -> int:
     from ..data.pairs import load_pairs
     from ..data.video import ClipCache
     from ..predict import predict_pairs, save_detections
-    from ..train import load_checkpoint
+    from ..checkpoint import load_checkpoint
     from ..utils import resolve_device
 
     from ..guards import check_output
-    from ..train import resolve_checkpoint
+    from ..checkpoint import resolve_checkpoint
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -59,7 +59,7 @@ def default_checkpoint(run_dir: Path = DEMO_RUN) -> Path:
     """The demo's trained checkpoint: ``runs/demo`` (best, else last), else the
     first of its sub-folders that holds one (``warp`` first). FileNotFoundError
     with instructions when there is none."""
-    from ..train import resolve_checkpoint
+    from ..checkpoint import resolve_checkpoint
 
     candidates = [run_dir]
     if run_dir.is_dir():
@@ -79,7 +79,7 @@ def check_arguments(args: argparse.Namespace, ckpt: Path) -> None:
     folder, with a known video container."""
     from ..guards import check_distinct, check_output
     from ..relocalize import RENDER_EXTENSIONS, check_link_parameters
-    from ..train import resolve_checkpoint
+    from ..checkpoint import resolve_checkpoint
 
     if args.top_k < 0:
         raise ValueError(f"--top-k must be >= 0 (0 = all), got {args.top_k}")
@@ -99,7 +99,7 @@ def check_arguments(args: argparse.Namespace, ckpt: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..relocalize import relocalize, render_tubelets, save_result, training_data_warnings
-    from ..train import load_checkpoint
+    from ..checkpoint import load_checkpoint
     from ..utils import resolve_device
 
     try:

@@ -64,7 +64,7 @@ def _guard(fn):
 
 @_guard
 def run_warp_grid(args: argparse.Namespace) -> Path:
-    from ..train import load_checkpoint
+    from ..checkpoint import load_checkpoint
     from ..utils import resolve_device
     from ..viz import figure_warp_grid
 
