@@ -434,3 +434,30 @@ def test_warp_cell_learns_motion_better_than_conv_cell():
     # the learned displacements point along the motion (down and right)
     mean_offset = net.cell.last_offsets.mean(dim=(0, 1))
     assert mean_offset[0] > 0.1 and mean_offset[1] > 0.3, mean_offset
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_cell_takes_one_signature_with_context(kind):
+    """cell(x, state=None, context=None): the flow cell reads context["flow"] (or flow=),
+    the others ignore the context; context_keys names what a cell reads."""
+    torch.manual_seed(0)
+    cell = build_cell(kind, 3, 4, bottleneck=2).double()
+    x = rand(2, 3, 6, 7, seed=1, dtype=torch.float64)
+    _, state = cell(x, None, None)
+    flow = rand(2, 6, 7, 2, seed=2, dtype=torch.float64)
+    by_context, _ = cell(x, state, {"flow": flow})
+    by_keyword, _ = cell(x, state, flow=flow)
+    torch.testing.assert_close(by_context, by_keyword, rtol=0, atol=0)
+    assert cell.context_keys == (("flow",) if kind == "flow" else ())
+    if kind != "flow":
+        torch.testing.assert_close(by_context, cell(x, state)[0], rtol=0, atol=0)
+
+
+def test_clip_flow_lives_with_the_data_and_sequence_flows():
+    from stvr.data import flow as data_flow
+
+    assert clip_flow is data_flow.clip_flow
+    clips = torch.zeros(2, 3, 3, 4, 32, 32)   # [B, L, 3, T, S, S], static
+    flows = data_flow.sequence_flows(clips, None, 2)
+    assert flows.shape == (2, 3, 2, 2, 2) and flows.abs().max() < 0.05
+    assert torch.equal(flows[:, 0], torch.zeros(2, 2, 2, 2))

@@ -406,36 +406,35 @@ class STVRModel(nn.Module):
     def propagate(self, features: Tensor, state: Any = None, flows: Tensor | None = None) -> tuple[Tensor, Any]:
         """Run the recurrent cell over the clip axis of ``features [B, L, C, h, w]``.
 
-        ``flows [B, L, h, w, 2]`` is needed by the ``flow`` cell. Returns the
-        propagated maps ``[B, L, C, h, w]`` (the input itself for ``cell="none"``)
-        and the final state.
+        ``flows [B, L, h, w, 2]`` (from :meth:`cell_flows`; the ``flow`` cell needs them)
+        reach the cell as ``context["flow"]``. Returns the propagated maps ``[B, L, C, h, w]``
+        (the input itself for ``cell="none"``) and the final state.
         """
         if self.cell is None:
             return features, state
         outs = []
         for t in range(features.shape[1]):
-            extra = {"flow": flows[:, t]} if self.cfg.cell == "flow" else {}
-            out, state = self.cell(features[:, t], state, **extra)
+            context = None if flows is None else {"flow": flows[:, t]}
+            out, state = self.cell(features[:, t], state, context)
             if self.record_offsets and getattr(self.cell, "last_offsets", None) is not None:
                 self.last_offsets.append(self.cell.last_offsets.detach())
                 self.control_points = self.cell.control_points.detach()
             outs.append(out)
         return torch.stack(outs, 1), state
 
-    def _flows(self, clips: Tensor, previous: Tensor | None) -> Tensor:
-        """``[B, L, h, w, 2]`` flows between consecutive clips of ``clips [B, L, 3, T, S, S]``
-        (zero for the first clip unless ``previous [B, 3, T, S, S]`` is given)."""
-        from .recurrent import clip_flow
+    def cell_flows(self, clips: Tensor, previous: Tensor | None = None,
+                   given: Tensor | None = None) -> Tensor | None:
+        """The optical flows ``[B, L, h, w, 2]`` of ``clips [B, L, 3, T, S, S]`` when the cell
+        reads them (``"flow" in cell.context_keys``), else None: ``given`` (precomputed,
+        ``PairBatch.flows``) or :func:`stvr.data.flow.sequence_flows` (zero for the first
+        clip unless ``previous [B, 3, T, S, S]`` is given). The one place flows are made."""
+        if "flow" not in getattr(self.cell, "context_keys", ()):
+            return None
+        if given is not None:
+            return given
+        from .data.flow import sequence_flows
 
-        b, length = clips.shape[:2]
-        h = self.feature_size
-        flows = clips.new_zeros(b, length, h, h, 2)
-        with torch.no_grad():
-            for t in range(length):
-                prev = clips[:, t - 1] if t > 0 else previous
-                if prev is not None:
-                    flows[:, t] = clip_flow(prev, clips[:, t], (h, h)).to(flows)
-        return flows
+        return sequence_flows(clips, previous, self.feature_size)
 
     def _proposals(self, maps: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """RPN on ``maps [N, C, h, w]``.
@@ -512,9 +511,8 @@ class STVRModel(nn.Module):
         query_feats = self._crop_queries(feats[:nq], batch.query_boxes)
         grid = feats.new_zeros(b, steps, *feats.shape[1:])
         grid[pair_idx, time_idx] = feats[nq:]
-        flows = None
-        if self.cfg.cell == "flow":
-            flows = batch.flows[:, :steps] if batch.flows is not None else self._flows(ref[:, :steps], None)
+        flows = self.cell_flows(ref[:, :steps], None,
+                                None if batch.flows is None else batch.flows[:, :steps])
         if self.record_offsets:
             self.last_offsets = []
         maps, _ = self.propagate(grid, None, flows)
@@ -654,10 +652,7 @@ class STVRModel(nn.Module):
         if previous_clip is None:
             previous_clip = state.get("previous_clip")
         feats = self.run_backbone(reference_clips)[None]                # [1, L, C, h, w]
-        flows = None
-        if self.cfg.cell == "flow":
-            prev = None if previous_clip is None else previous_clip[None]
-            flows = self._flows(reference_clips[None], prev)
+        flows = self.cell_flows(reference_clips[None], None if previous_clip is None else previous_clip[None])
         maps, cell_state = self.propagate(feats, state.get("cell"), flows)
         maps = maps[0]
         pairs = torch.zeros(maps.shape[0], dtype=torch.long, device=maps.device)

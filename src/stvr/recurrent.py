@@ -10,11 +10,15 @@ previous state before it:
 - ``"traj"``  :class:`TrajLSTMCell`  -- TrajGRU's structure-generating network:
   L predicted dense flows, h warped along each, recombined by a 1x1 conv.
 - ``"flow"``  :class:`FlowLSTMCell`  -- warp h and c by a given dense optical
-  flow (see :func:`clip_flow`).
+  flow (see :func:`stvr.data.flow.clip_flow`).
 
-Every cell is called as ``cell(x, state=None, **extra) -> (output, state)`` with
-``x`` ``[B, C_in, H, W]``, ``output`` ``[B, hidden, H, W]`` and ``state`` the
+Every cell is called as ``cell(x, state=None, context=None, **extra) -> (output, state)``
+with ``x`` ``[B, C_in, H, W]``, ``output`` ``[B, hidden, H, W]`` and ``state`` the
 tuple ``(h, c)``, both ``[B, hidden, H, W]`` (``state=None`` starts from zeros).
+``context`` is a dict of per-step inputs besides the features; keyword ``extra``
+arguments join it (``cell(x, state, flow=f)`` = ``cell(x, state, {"flow": f})``). A
+cell names the keys it reads in ``context_keys`` (the flow cell: ``("flow",)``, a
+flow ``[B, H, W, 2]``, see :mod:`stvr.data.flow`); the others ignore the context.
 Build one by name with :func:`build_cell`.
 
 Displacements and flows are always in feature-map cells, channel 0 = dy (rows),
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import CELL_KINDS
+from .data.flow import clip_flow  # noqa: F401  (moved to stvr.data.flow; kept importable here)
 
 __all__ = [
     "ConvLSTMCell",
@@ -149,6 +154,7 @@ class ConvLSTMCell(nn.Module):
     """
 
     kind = "conv"
+    context_keys: tuple[str, ...] = ()   # the context entries the cell reads
 
     def __init__(
         self,
@@ -236,7 +242,8 @@ class ConvLSTMCell(nn.Module):
             out = out + (x if self.skip_proj is None else self.skip_proj(x))
         return out, c_new
 
-    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+    def forward(self, x: Tensor, state: State | None = None, context: dict[str, Any] | None = None,
+                **extra: Any) -> tuple[Tensor, State]:
         h, c = self._init_state(x, state)
         out, c = self.update(x, h, c)
         return out, (out, c)
@@ -337,7 +344,8 @@ class WarpLSTMCell(ConvLSTMCell):
         feats = torch.cat([_sample_points(x, idx, w), _sample_points(h, idx, w)], dim=1)  # [B, C_in+hid, N]
         return pts, self.offset(feats.transpose(1, 2))
 
-    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+    def forward(self, x: Tensor, state: State | None = None, context: dict[str, Any] | None = None,
+                **extra: Any) -> tuple[Tensor, State]:
         h, c = self._init_state(x, state)
         pts, offsets = self.predict_offsets(x, h)
         self.last_offsets = offsets.detach()
@@ -423,7 +431,8 @@ class TrajLSTMCell(ConvLSTMCell):
         f = self.traj_out(a)
         return f.view(f.shape[0], self.links, 2, *f.shape[-2:])
 
-    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+    def forward(self, x: Tensor, state: State | None = None, context: dict[str, Any] | None = None,
+                **extra: Any) -> tuple[Tensor, State]:
         h, c = self._init_state(x, state)
         B, _, H, W = x.shape
         flows = self.flows(x, h)
@@ -447,9 +456,10 @@ class FlowLSTMCell(ConvLSTMCell):
     """Optical-flow baseline (paper section 6.1): a ConvLSTM whose previous h and c
     are warped by a given dense flow before the update.
 
-    Call: ``cell(x, state, flow=[B, H, W, 2])``; ``flow`` in feature cells, channel
-    0 = dy, 1 = dx, the motion from the previous clip to the current one at each
-    position of the current map (e.g. from :func:`clip_flow`). The state is warped
+    Call: ``cell(x, state, {"flow": [B, H, W, 2]})`` or ``cell(x, state, flow=...)``;
+    ``flow`` in feature cells, channel 0 = dy, 1 = dx, the motion from the previous
+    clip to the current one at each position of the current map (e.g. from
+    :func:`stvr.data.flow.clip_flow`). The state is warped
     with ``stvr.warp.dense_warp_states`` (h and c in one pass; output p samples the
     old state at ``p - flow(p)``, bilinear, border-clamped, = ``dense_image_warp``). A missing flow is an error unless
     ``state`` is None (the zero state needs no warp).
@@ -457,7 +467,11 @@ class FlowLSTMCell(ConvLSTMCell):
 
     kind = "flow"
 
-    def forward(self, x: Tensor, state: State | None = None, flow: Tensor | None = None) -> tuple[Tensor, State]:
+    context_keys = ("flow",)
+
+    def forward(self, x: Tensor, state: State | None = None, context: dict[str, Any] | None = None,
+                **extra: Any) -> tuple[Tensor, State]:
+        flow = {**(context or {}), **extra}.get("flow")
         h, c = self._init_state(x, state)
         if state is not None:
             if flow is None:
@@ -516,91 +530,3 @@ def cell_options(model_config: Any, kind: str | None = None) -> dict[str, Any]:
     elif kind == "traj":
         opts.update(links=model_config.traj_links)
     return opts
-
-
-# --------------------------------------------------------------------------- optical flow
-
-
-def _gray_uint8(frames: Tensor) -> np.ndarray:
-    """``[B, 3, T, H, W]`` RGB in [-1, 1] -> ``[B, T, H, W]`` uint8 luma (BT.601)."""
-    weights = frames.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1, 1)
-    gray = ((frames + 1.0) * 127.5 * weights).sum(1)
-    return gray.round().clamp(0, 255).to(torch.uint8).cpu().numpy()
-
-
-def clip_flow(
-    previous_clip: Tensor | None,
-    clip: Tensor,
-    feature_size: int | Sequence[int],
-    method: str = "dis",
-) -> Tensor:
-    """Motion of the current clip since the previous one, at feature resolution.
-
-    Args:
-        previous_clip: ``[B, 3, T, H, W]`` in [-1, 1] (only its last frame is used),
-            or None (first clip: the flow is zero).
-        clip: ``[B, 3, T, H, W]`` in [-1, 1], RGB.
-        feature_size: ``h`` or ``(h, w)`` of the feature map.
-        method: "dis" (OpenCV DIS, preset FAST) or "farneback".
-
-    Returns ``[B, h, w, 2]`` on ``clip``'s device: for each position p of the current
-    clip's last frame, its displacement since the previous clip's last frame, in
-    feature cells, channel 0 = dy, 1 = dx -- the convention of :class:`FlowLSTMCell`
-    (the state is warped so that p samples ``p - flow(p)``).
-
-    Composition: OpenCV computes T backward flows ``b_k`` (frame k+1 -> frame k, over
-    the T + 1 frames "previous last frame, clip frames 0..T-1"); a point of the last
-    frame is tracked back by ``q <- q + b_k(q)`` (bilinear, border-clamped), and the
-    motion is ``p - q_0``. The pixel flow is then averaged down to ``(h, w)`` (area /
-    antialiased bilinear) and scaled by ``h / H`` and ``w / W`` (1/16 for the paper).
-    """
-    if method not in ("dis", "farneback"):
-        raise ValueError(f"method must be 'dis' or 'farneback', got {method!r}")
-    if clip.dim() != 5 or clip.shape[1] != 3:
-        raise ValueError(f"clip must be [B, 3, T, H, W], got {tuple(clip.shape)}")
-    if isinstance(feature_size, (int, np.integer)):
-        fh = fw = int(feature_size)
-    else:
-        fh, fw = (int(v) for v in feature_size)
-    if fh < 1 or fw < 1:
-        raise ValueError(f"feature_size must be positive, got {feature_size!r}")
-    B, _, T, H, W = clip.shape
-    if previous_clip is None:
-        return clip.new_zeros(B, fh, fw, 2)
-    prev_ok = previous_clip.dim() == 5 and previous_clip.shape[:2] == clip.shape[:2]
-    if not prev_ok or previous_clip.shape[-2:] != clip.shape[-2:]:
-        raise ValueError(
-            f"previous_clip must be [{B}, 3, T', {H}, {W}] like clip, got {tuple(previous_clip.shape)}"
-        )
-    import cv2
-
-    frames = torch.cat([previous_clip[:, :, -1:], clip], dim=2).detach().float()
-    gray = _gray_uint8(frames)  # [B, T+1, H, W]
-    backward = np.empty((B, T, H, W, 2), np.float32)  # (dx, dy) pixels, frame k+1 -> k
-    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_FAST) if method == "dis" else None
-    for b in range(B):
-        for k in range(T):
-            nxt, prev = gray[b, k + 1], gray[b, k]
-            if dis is not None:
-                backward[b, k] = dis.calc(nxt, prev, None)
-            else:
-                backward[b, k] = cv2.calcOpticalFlowFarneback(nxt, prev, None, 0.5, 3, 15, 3, 5, 1.2, 0)
-    back = torch.from_numpy(backward)  # [B, T, H, W, 2]
-    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
-    base = torch.stack([xs, ys], dim=-1).expand(B, H, W, 2)  # (x, y)
-    scale = torch.tensor([2.0 / max(W - 1, 1), 2.0 / max(H - 1, 1)])
-    pos = base.clone()
-    for k in range(T - 1, -1, -1):
-        field = back[:, k].permute(0, 3, 1, 2)  # [B, 2, H, W] (dx, dy)
-        step = F.grid_sample(field, pos * scale - 1.0, mode="bilinear", padding_mode="border", align_corners=True)
-        pos = pos + step.permute(0, 2, 3, 1)
-    motion = (base - pos)[..., [1, 0]].permute(0, 3, 1, 2)  # [B, 2 (dy, dx), H, W] pixels
-    if (fh, fw) != (H, W):
-        if H % fh == 0 and W % fw == 0:
-            motion = F.interpolate(motion, size=(fh, fw), mode="area")
-        else:
-            motion = F.interpolate(
-                motion, size=(fh, fw), mode="bilinear", align_corners=False, antialias=fh < H or fw < W
-            )
-    motion = motion * torch.tensor([fh / H, fw / W]).view(1, 2, 1, 1)
-    return motion.permute(0, 2, 3, 1).contiguous().to(device=clip.device, dtype=clip.dtype)

@@ -72,9 +72,9 @@ def model_summary(cfg: ModelConfig, flops: bool = True, query_clips: int = 3) ->
     with torch.no_grad():
         counts["backbone"] = _flops(lambda: model.backbone(clip))
         if model.cell is not None:
-            extra = {"flow": torch.zeros(1, h, h, 2)} if cfg.cell == "flow" else {}
-            _, state = model.cell(fmap, None, **extra)
-            counts["cell"] = _flops(lambda: model.cell(fmap, state, **extra))
+            context = {"flow": torch.zeros(1, h, h, 2)}    # read by the flow cell, ignored by the others
+            _, state = model.cell(fmap, None, context)
+            counts["cell"] = _flops(lambda: model.cell(fmap, state, context))
         else:
             counts["cell"] = 0
         counts["rpn"] = _flops(lambda: model._proposals(fmap))

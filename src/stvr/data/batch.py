@@ -43,7 +43,8 @@ class PairBatch:
         pair_ids: the index of each pair in its source pair list / sampler.
         flows: optional ``[B, L, h, w, 2]`` optical flow at feature resolution
             (dy, dx in feature cells, motion from clip t-1 to clip t) for the
-            ``flow`` cell; ``None`` when not computed.
+            ``flow`` cell; ``None`` when not computed (the model then computes them,
+            :meth:`stvr.model.STVRModel.cell_flows`).
         loss_clips: number of clips per pair that the second-stage loss is
             normalized by (the official code pads every training reference to
             ``reference_seconds * 3`` clips and divides by ``B * 6``); ``None``
