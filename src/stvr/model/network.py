@@ -1,0 +1,271 @@
+"""The module that composes the stages of the matching network (paper Fig. 5):
+backbone, recurrent cell, :mod:`.query` crops, :mod:`.rpn`, :mod:`.roi_heads`.
+See :mod:`stvr.model` for the data flow and the conventions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection._utils import BoxCoder
+
+from ..backbones import build_backbone
+from ..config import ModelConfig
+from ..data.batch import PairBatch
+from .ops import pad_boxes
+from .query import crop_features, crop_queries
+from .roi_heads import BoxHead, QueryAttention, box_losses, box_targets, postprocess_detections
+from .rpn import RPNHead, anchor_generator, grid_anchors, rpn_losses, rpn_proposals, rpn_targets
+
+__all__ = ["STVRModel"]
+
+
+class STVRModel(nn.Module):
+    """Spatio-temporal video re-localization network (paper Fig. 5).
+
+    Args:
+        cfg: the model configuration.
+        backbone_chunk: clips per backbone call when gradients are off (bounds memory
+            for long references; in training all clips go through in one call so
+            BN batch statistics are shared by queries and references).
+        rpn_pre_nms_top_n: optional per-clip cap on the proposals entering NMS
+            (None = all anchors, as the official code).
+
+    ``forward(batch)`` returns the loss dict in training mode and detections in eval
+    mode (see :meth:`forward`). ``record_offsets = True`` makes the warp cell's
+    per-step control-point displacements available in ``last_offsets`` (list of
+    ``[B, N, 2]``, (dy, dx) in feature cells) with ``control_points`` ``[N, 2]``.
+    """
+
+    def __init__(self, cfg: ModelConfig, backbone_chunk: int = 32,
+                 rpn_pre_nms_top_n: int | None = None) -> None:
+        super().__init__()
+        if cfg.image_size % 16:
+            raise ValueError(f"model.image_size={cfg.image_size} must be a multiple of 16")
+        if cfg.head not in ("resnet", "binary"):
+            raise ValueError(f"model.head must be 'resnet' or 'binary', got {cfg.head!r}")
+        self.cfg = cfg
+        self.image_size = cfg.image_size
+        self.feature_size = cfg.image_size // 16
+        self.backbone_chunk = backbone_chunk
+        self.rpn_pre_nms_top_n = rpn_pre_nms_top_n
+        channels = cfg.backbone_channels
+        self.backbone = build_backbone(cfg)
+        if cfg.freeze_backbone:          # pretrained features kept as they are (no gradient, stored BN stats)
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+        self.cell = _build_cell(cfg)
+        num_anchors = len(cfg.anchor_scales) * len(cfg.anchor_aspect_ratios)
+        self.rpn = RPNHead(channels, cfg.rpn_channels, num_anchors)
+        self.attention = QueryAttention(channels, cfg.attention_dim)
+        self.head = BoxHead(2 * channels, cfg.head_mid_channels, cfg.head_out_channels,
+                            cfg.head_blocks, binary=cfg.head == "binary")
+        self.box_coder = BoxCoder(tuple(float(w) for w in cfg.box_coder_weights))
+        self.anchor_generator = anchor_generator(cfg)
+        self.record_offsets = False
+        self.last_offsets: list[Tensor] = []
+        self.control_points: Tensor | None = None
+
+    # ------------------------------------------------------------------ anchors
+    def anchors(self, h: int, w: int, device: torch.device) -> Tensor:
+        """``[h * w * A, 4]`` pixel anchors of an ``h x w`` map (stride S / h)."""
+        return grid_anchors(self.anchor_generator, self.image_size, h, w, device)
+
+    # ------------------------------------------------------------------ stages
+    def train(self, mode: bool = True) -> "STVRModel":
+        super().train(mode)
+        if self.cfg.freeze_backbone:
+            self.backbone.eval()
+        return self
+
+    def run_backbone(self, clips: Tensor) -> Tensor:
+        """``[N, 3, T, S, S] -> [N, C, h, w]``, chunked when gradients are off."""
+        if clips.shape[0] == 0:
+            c, h = self.cfg.backbone_channels, self.feature_size
+            return clips.new_zeros(0, c, h, h)
+        if self.cfg.freeze_backbone:
+            with torch.no_grad():
+                return torch.cat([self.backbone(c) for c in clips.split(self.backbone_chunk)])
+        if torch.is_grad_enabled() and self.training:
+            return self.backbone(clips)
+        return torch.cat([self.backbone(c) for c in clips.split(self.backbone_chunk)])
+
+    def encode_query(self, query_clips: Tensor, query_boxes: Tensor) -> Tensor:
+        """Query features ``[Nq, C, 7, 7]`` from clips ``[Nq, 3, T, S, S]`` and normalized boxes ``[Nq, 4]``."""
+        return self._crop_queries(self.run_backbone(query_clips), query_boxes)
+
+    def _crop_queries(self, features: Tensor, boxes: Tensor) -> Tensor:
+        return crop_queries(features, boxes, self.cfg.roi_crop_size, mapping=self.cfg.roi_mapping,
+                            image_size=self.image_size)
+
+    def propagate(self, features: Tensor, state: Any = None, flows: Tensor | None = None) -> tuple[Tensor, Any]:
+        """Run the recurrent cell over the clip axis of ``features [B, L, C, h, w]``.
+
+        ``flows [B, L, h, w, 2]`` (from :meth:`cell_flows`; the ``flow`` cell needs them)
+        reach the cell as ``context["flow"]``. Returns the propagated maps ``[B, L, C, h, w]``
+        (the input itself for ``cell="none"``) and the final state.
+        """
+        if self.cell is None:
+            return features, state
+        outs = []
+        for t in range(features.shape[1]):
+            context = None if flows is None else {"flow": flows[:, t]}
+            out, state = self.cell(features[:, t], state, context)
+            if self.record_offsets and getattr(self.cell, "last_offsets", None) is not None:
+                self.last_offsets.append(self.cell.last_offsets.detach())
+                self.control_points = self.cell.control_points.detach()
+            outs.append(out)
+        return torch.stack(outs, 1), state
+
+    def cell_flows(self, clips: Tensor, previous: Tensor | None = None,
+                   given: Tensor | None = None) -> Tensor | None:
+        """The optical flows ``[B, L, h, w, 2]`` of ``clips [B, L, 3, T, S, S]`` when the cell
+        reads them (``"flow" in cell.context_keys``), else None: ``given`` (precomputed,
+        ``PairBatch.flows``) or :func:`stvr.data.flow.sequence_flows` (zero for the first
+        clip unless ``previous [B, 3, T, S, S]`` is given). The one place flows are made."""
+        if "flow" not in getattr(self.cell, "context_keys", ()):
+            return None
+        if given is not None:
+            return given
+        from ..data.flow import sequence_flows
+
+        return sequence_flows(clips, previous, self.feature_size)
+
+    def _proposals(self, maps: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """RPN on ``maps [N, C, h, w]``.
+
+        Returns ``objectness [N, A]`` and ``deltas [N, A, 4]`` (for the loss),
+        anchors ``[A, 4]``, proposals ``[N, P, 4]`` pixels (detached) and their
+        validity ``[N, P]`` (P = max_proposals, sorted by objectness).
+        """
+        obj, deltas = self.rpn(maps)
+        anchors = self.anchors(maps.shape[-2], maps.shape[-1], maps.device)
+        proposals, valid = rpn_proposals(obj, deltas, anchors, self.box_coder, self.cfg, self.image_size,
+                                         self.training, self.rpn_pre_nms_top_n)
+        return obj, deltas, anchors, proposals, valid
+
+    def _second_stage(self, maps: Tensor, boxes: Tensor, clip_index: Tensor, clip_pair: Tensor,
+                      query_feats: Tensor, query_index: Tensor) -> tuple[Tensor, Tensor]:
+        """Head on proposals ``boxes [K, 4]`` (pixels) of clips ``clip_index [K]`` of ``maps``.
+
+        ``clip_pair [N]`` is the pair of each map. Returns logits and box codes.
+        """
+        feats = crop_features(maps, boxes / self.image_size, clip_index, self.cfg.roi_crop_size,
+                              mapping=self.cfg.roi_mapping, image_size=self.image_size)
+        attended = self.attention(feats, clip_pair[clip_index], query_feats, query_index)
+        return self.head(torch.cat([feats, attended], dim=1))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: PairBatch) -> dict[str, Tensor] | list[list[Tensor]]:
+        """Training: dict of scalar losses ``rpn_objectness``, ``rpn_box``,
+        ``box_classifier``, ``box_reg`` (unweighted) and ``loss`` (weighted total).
+
+        Eval: per pair, per real reference clip (``reference_mask`` True, in time
+        order), a ``[K, 5]`` tensor of normalized ``[x1, y1, x2, y2, score]`` of the
+        query-match class, sorted by descending score, ``K <= det_per_clip``.
+        """
+        ref = batch.reference_clips
+        b, length = ref.shape[:2]
+        mask = batch.reference_mask.to(torch.bool)
+        lengths = mask.sum(1)
+        steps = int(lengths.max().item()) if b else 0
+        nq = batch.query_clips.shape[0]
+        # one backbone call over the query clips and the real reference clips
+        pair_idx, time_idx = mask.nonzero(as_tuple=True)          # pair-major, time order
+        clips = torch.cat([batch.query_clips, ref[pair_idx, time_idx]])
+        feats = self.run_backbone(clips)
+        query_feats = self._crop_queries(feats[:nq], batch.query_boxes)
+        grid = feats.new_zeros(b, steps, *feats.shape[1:])
+        grid[pair_idx, time_idx] = feats[nq:]
+        flows = self.cell_flows(ref[:, :steps], None,
+                                None if batch.flows is None else batch.flows[:, :steps])
+        if self.record_offsets:
+            self.last_offsets = []
+        maps, _ = self.propagate(grid, None, flows)
+        maps = maps[pair_idx, time_idx]                           # [N, C, h, w] real clips
+        query_index = batch.query_index.to(device=maps.device, dtype=torch.long)
+        if not self.training:
+            dets = self._detect(maps, pair_idx, query_feats, query_index)
+            counts = lengths.tolist()
+            out, start = [], 0
+            for c in counts:
+                out.append(dets[start:start + c])
+                start += c
+            return out
+        gt_boxes = [batch.gt_boxes[int(i)][int(t)] for i, t in zip(pair_idx.tolist(), time_idx.tolist())]
+        gt_labels = [batch.gt_labels[int(i)][int(t)] for i, t in zip(pair_idx.tolist(), time_idx.tolist())]
+        return self._losses(maps, pair_idx, query_feats, query_index, gt_boxes, gt_labels, total_clips=b * max(length, batch.loss_clips or 0))
+
+    def _losses(self, maps: Tensor, clip_pair: Tensor, query_feats: Tensor, query_index: Tensor,
+                gt_boxes: list[Tensor], gt_labels: list[Tensor], total_clips: int) -> dict[str, Tensor]:
+        """The loss dict of the real clips' ``maps [N, C, h, w]`` (pair ``clip_pair [N]``) with
+        their ground truth: the RPN's (:mod:`.rpn`) and the matching head's (:mod:`.roi_heads`)."""
+        cfg = self.cfg
+        gtb, gtl, gtv = pad_boxes(gt_boxes, gt_labels, maps.device)
+        gtb = gtb * self.image_size
+        obj, deltas, anchors, proposals, pvalid = self._proposals(maps)
+        rpn_t = rpn_targets(gtb, gtv, anchors, self.box_coder, cfg, self.image_size, maps.dtype)
+        rpn_obj, rpn_box = rpn_losses(obj, deltas, rpn_t)
+        box_t = box_targets(proposals, pvalid, gtb, gtl, gtv, self.box_coder, cfg, total_clips, maps.dtype)
+        logits, codes = self._second_stage(maps, box_t.boxes, box_t.clip_index, clip_pair, query_feats,
+                                           query_index)
+        box_cls, box_reg = box_losses(logits, codes, box_t, self.head.binary)
+        total = (cfg.rpn_obj_weight * rpn_obj + cfg.rpn_loc_weight * rpn_box
+                 + cfg.box_cls_weight * box_cls + cfg.box_loc_weight * box_reg)
+        return {"rpn_objectness": rpn_obj, "rpn_box": rpn_box, "box_classifier": box_cls,
+                "box_reg": box_reg, "loss": total}
+
+    @torch.no_grad()
+    def _detect(self, maps: Tensor, clip_pair: Tensor, query_feats: Tensor, query_index: Tensor) -> list[Tensor]:
+        """Detections ``[K, 5]`` (normalized xyxy + query-match score) for each map of ``maps [N, C, h, w]``."""
+        _, _, _, proposals, pvalid = self._proposals(maps)
+        clip_index, slot = pvalid.nonzero(as_tuple=True)
+        boxes = proposals[clip_index, slot]
+        logits, codes = self._second_stage(maps, boxes, clip_index, clip_pair, query_feats, query_index)
+        return postprocess_detections(logits, codes, boxes, clip_index, maps.shape[0], self.head.binary,
+                                      self.box_coder, self.cfg, self.image_size)
+
+    @torch.no_grad()
+    def detect_clips(self, query_features: Tensor, reference_clips: Tensor, state: Any = None,
+                     previous_clip: Tensor | None = None) -> tuple[list[Tensor], Any]:
+        """Streaming detection for ONE pair: feed a long reference chunk by chunk.
+
+        Args:
+            query_features: ``[Nq, C, 7, 7]`` from :meth:`encode_query`.
+            reference_clips: ``[L, 3, T, S, S]`` the next clips of the reference.
+            state: the state returned by the previous call (None = start).
+            previous_clip: ``[3, T, S, S]`` the clip before this chunk (flow cell);
+                by default the last clip of the previous chunk kept in ``state``.
+        Returns:
+            (per clip ``[K, 5]`` normalized ``[x1, y1, x2, y2, score]``, new state).
+            The state is a dict ``{"cell": cell state, "previous_clip": last clip}``.
+        """
+        state = state or {}
+        if previous_clip is None:
+            previous_clip = state.get("previous_clip")
+        feats = self.run_backbone(reference_clips)[None]                # [1, L, C, h, w]
+        flows = self.cell_flows(reference_clips[None], None if previous_clip is None else previous_clip[None])
+        maps, cell_state = self.propagate(feats, state.get("cell"), flows)
+        maps = maps[0]
+        pairs = torch.zeros(maps.shape[0], dtype=torch.long, device=maps.device)
+        qidx = torch.zeros(query_features.shape[0], dtype=torch.long, device=maps.device)
+        dets = self._detect(maps, pairs, query_features, qidx)
+        return dets, {"cell": cell_state, "previous_clip": reference_clips[-1]}
+
+    def stage_modules(self) -> dict[str, nn.Module | None]:
+        """The stages whose parameters ``stvr model info`` counts."""
+        return {"backbone": self.backbone, "cell": self.cell, "rpn": self.rpn,
+                "attention": self.attention, "head": self.head}
+
+
+def _build_cell(cfg: ModelConfig) -> nn.Module | None:
+    """The recurrent cell of ``cfg.cell`` (None for ``"none"``, the Clip baseline)."""
+    if cfg.cell == "none":
+        return None
+    from ..recurrent import build_cell, cell_options
+
+    if cfg.cell not in ("warp", "conv", "traj", "flow"):
+        raise ValueError(f"unknown model.cell {cfg.cell!r}")
+    c = cfg.backbone_channels
+    return build_cell(cfg.cell, c, c, **cell_options(cfg, cfg.cell))

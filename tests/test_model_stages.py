@@ -1,0 +1,152 @@
+"""The stages of stvr.model on their own (torchvision-style modules): RPN anchors, targets,
+losses and proposals; second-stage sampling, losses and post-processing; query crops."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torchvision.models.detection._utils import BoxCoder
+
+from stvr.model import rpn, roi_heads
+from stvr.model.ops import balanced_sample, batched_iou, rank_in_groups
+from stvr.model.query import crop_features, crop_queries
+
+CODER = BoxCoder((10.0, 10.0, 5.0, 5.0))
+S = 64
+
+
+def rpn_cfg(**kw):
+    base = dict(rpn_fg_iou=0.7, rpn_bg_iou=0.3, rpn_batch_per_clip=256, rpn_positive_fraction=0.5,
+                rpn_nms_iou=0.7, max_proposals=4)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def test_rpn_targets_hand_built():
+    anchors = torch.tensor([[10., 10., 30., 30.],     # = the GT box: positive
+                            [12., 10., 32., 30.],     # IoU 0.82 >= 0.7: positive
+                            [20., 10., 40., 30.],     # IoU 1/3: between the thresholds, ignored
+                            [40., 40., 60., 60.],     # no overlap: negative
+                            [50., 50., 70., 70.]])    # not inside the 64 x 64 image: ignored
+    gt = torch.tensor([[[10., 10., 30., 30.], [0., 0., 0., 0.]]])
+    valid = torch.tensor([[True, False]])
+    t = rpn.rpn_targets(gt, valid, anchors, CODER, rpn_cfg(), S)
+    assert t.positive[0].tolist() == [True, True, False, False, False]
+    assert t.sampled[0].tolist() == [True, True, False, True, False]
+    assert t.n_sampled.tolist() == [3.0]
+    assert t.pos_clip.tolist() == [0, 0] and t.pos_anchor.tolist() == [0, 1]
+    torch.testing.assert_close(t.box_targets[0], torch.zeros(4))
+    torch.testing.assert_close(t.box_targets[1], CODER.encode_single(gt[0, :1], anchors[1:2])[0])
+
+
+def test_rpn_best_anchor_forced_positive_and_losses():
+    anchors = torch.tensor([[0., 0., 20., 20.], [30., 30., 50., 50.]])
+    gt = torch.tensor([[[0., 0., 32., 32.]]])          # best IoU 0.39 < 0.7: still positive
+    t = rpn.rpn_targets(gt, torch.ones(1, 1, dtype=torch.bool), anchors, CODER, rpn_cfg(), S)
+    assert t.positive[0].tolist() == [True, False] and t.sampled[0].tolist() == [True, True]
+    obj = torch.zeros(1, 2, requires_grad=True)
+    deltas = torch.zeros(1, 2, 4, requires_grad=True)
+    obj_loss, box_loss = rpn.rpn_losses(obj, deltas, t)
+    torch.testing.assert_close(obj_loss, torch.log(torch.tensor(2.0)))   # BCE at logit 0, 2 sampled / 2
+    expected = torch.nn.functional.smooth_l1_loss(torch.zeros(4), t.box_targets[0], reduction="sum") / 2
+    torch.testing.assert_close(box_loss, expected)
+    (obj_loss + box_loss).backward()
+    assert obj.grad.abs().sum() > 0 and deltas.grad[0, 1].abs().sum() == 0
+
+
+def test_rpn_sampling_keeps_the_positive_fraction():
+    torch.manual_seed(0)
+    labels = torch.tensor([[1] * 10 + [0] * 20 + [-1] * 5])
+    pos, neg = balanced_sample(labels, 8, 0.25)
+    assert int(pos.sum()) == 2 and int(neg.sum()) == 6
+    assert bool((labels[pos] == 1).all()) and bool((labels[neg] == 0).all())
+
+
+def test_rpn_proposals_nms_and_cap():
+    cfg = rpn_cfg(max_proposals=2, rpn_nms_iou=0.5)
+    anchors = torch.tensor([[0., 0., 20., 20.], [1., 0., 21., 20.], [40., 40., 60., 60.], [0., 40., 20., 60.]])
+    obj = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    props, valid = rpn.rpn_proposals(obj, torch.zeros(1, 4, 4), anchors, CODER, cfg, S, training=False)
+    assert props.shape == (1, 2, 4) and valid.all()
+    # anchor 1 is suppressed by anchor 0 (IoU 0.9); the next best are anchors 0 and 2
+    torch.testing.assert_close(props[0], anchors[[0, 2]])
+
+
+def test_anchor_grid_is_the_official_one():
+    cfg = SimpleNamespace(anchor_base_size=32.0, anchor_scales=(1.0,), anchor_aspect_ratios=(1.0, 4.0))
+    cell = rpn.official_cell_anchors(cfg)
+    torch.testing.assert_close(cell, torch.tensor([[-16., -16., 16., 16.], [-32., -8., 32., 8.]]))
+    grid = rpn.grid_anchors(rpn.anchor_generator(cfg), S, 4, 4, torch.device("cpu"))
+    assert grid.shape == (4 * 4 * 2, 4)
+    torch.testing.assert_close(grid[2], cell[0] + torch.tensor([16., 0., 16., 0.]))   # second column
+
+
+def box_cfg(**kw):
+    base = dict(box_add_gt=False, box_fg_iou=0.5, box_batch_per_clip=4, box_positive_fraction=0.25,
+                det_score_threshold=0.0, det_nms_iou=0.6, det_per_class=15, det_per_clip=30)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def test_second_stage_sampling_and_weights():
+    torch.manual_seed(0)
+    gt = torch.tensor([[[10., 10., 30., 30.]]])
+    gt_labels = torch.tensor([[2]])
+    gt_valid = torch.ones(1, 1, dtype=torch.bool)
+    proposals = torch.tensor([[[10., 10., 30., 30.], [11., 10., 31., 30.], [40., 40., 60., 60.],
+                               [0., 40., 20., 60.], [40., 0., 60., 20.], [0., 0., 0., 0.]]])
+    valid = torch.tensor([[True, True, True, True, True, False]])
+    t = roi_heads.box_targets(proposals, valid, gt, gt_labels, gt_valid, CODER, box_cfg(), total_clips=3)
+    # 4 per clip, at most 25 % positive: one of the two positives, three of the three negatives
+    assert len(t.clip_index) == 4 and len(t.pos_rows) == 1
+    assert sorted(t.labels.tolist()) == [0, 0, 0, 2]
+    torch.testing.assert_close(t.clip_weight, torch.tensor([1.0 / (4 * 3)]))
+    # the invalid slot is never sampled
+    assert not any(bool((b == 0).all()) for b in t.boxes)
+    # with box_add_gt the ground truth joins the candidates
+    t2 = roi_heads.box_targets(proposals[:, 2:5], valid[:, 2:5], gt, gt_labels, gt_valid, CODER,
+                               box_cfg(box_add_gt=True), total_clips=1)
+    assert t2.labels.tolist().count(2) == 1
+    torch.testing.assert_close(t2.box_targets, torch.zeros(1, 4))
+
+
+def test_second_stage_losses_and_postprocessing():
+    t = roi_heads.BoxTargets(clip_index=torch.tensor([0, 0]), boxes=torch.tensor([[10., 10., 30., 30.]] * 2),
+                             labels=torch.tensor([2, 0]), pos_rows=torch.tensor([0]),
+                             box_targets=torch.zeros(1, 4), clip_weight=torch.tensor([0.5]))
+    logits = torch.tensor([[0., 0., 5.], [5., 0., 0.]])
+    codes = torch.zeros(2, 2, 4)
+    cls_loss, reg_loss = roi_heads.box_losses(logits, codes, t, binary=False)
+    expected = torch.nn.functional.cross_entropy(logits, t.labels, reduction="sum") * 0.5
+    torch.testing.assert_close(cls_loss, expected)
+    assert float(reg_loss) == 0.0
+    dets = roi_heads.postprocess_detections(logits, codes, t.boxes, t.clip_index, 2, False, CODER,
+                                            box_cfg(), S)
+    assert len(dets) == 2 and dets[1].shape == (0, 5)
+    # the query-match class only, NMS merges the duplicate box, boxes normalized
+    assert dets[0].shape == (1, 5)
+    torch.testing.assert_close(dets[0][0, :4], torch.tensor([10., 10., 30., 30.]) / S)
+
+
+def test_query_crops_and_ops():
+    feats = torch.arange(2 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
+    q = crop_queries(feats, boxes, 14)
+    torch.testing.assert_close(q, crop_features(feats, boxes, torch.arange(2), 14))
+    assert q.shape == (2, 1, 7, 7)
+    assert rank_in_groups(torch.tensor([1, 0, 1, 1, 0])).tolist() == [0, 0, 1, 2, 1]
+    iou = batched_iou(torch.tensor([[[0., 0., 2., 2.]]]), torch.tensor([[1., 0., 3., 2.]]))
+    torch.testing.assert_close(iou, torch.tensor([[[1.0 / 3.0]]]))
+
+
+def test_stvr_model_keeps_its_old_names():
+    import stvr.model as m
+
+    for name in ("STVRModel", "crop_features", "QueryAttention", "BoxHead", "RPNHead",
+                 "_rank_in_groups", "_sample", "_batched_iou", "_pad_boxes"):
+        assert hasattr(m, name), name
+    with pytest.raises(ValueError, match="RoI mapping"):
+        crop_features(torch.zeros(1, 1, 4, 4), torch.zeros(1, 4), torch.zeros(1, dtype=torch.long),
+                      mapping="bogus")
