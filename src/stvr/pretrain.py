@@ -157,7 +157,7 @@ def pretrain_backbone(root: str | Path, cfg: ModelConfig, out: str | Path, *, st
                 loss.backward()
                 opt.step()
                 sched.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")

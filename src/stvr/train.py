@@ -368,6 +368,8 @@ def _build_model(cfg: Config, device: torch.device) -> tuple[nn.Module, torch.op
                "lr_scale": 1.0},
               {"params": [p for p in model.backbone.parameters() if p.requires_grad],
                "lr_scale": float(tc.backbone_lr_scale)}]
+    if tc.backbone_lr_scale == 1.0:   # one group, as the official protocol
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0}]
     optimizer = torch.optim.SGD([g for g in groups if g["params"]],
                                 lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
     return model, optimizer
