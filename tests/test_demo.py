@@ -29,7 +29,7 @@ def test_demo_end_to_end_and_rerun_reuses_the_run(tmp_path, capsys):
             *_flags("--synth", SYNTH), *_flags("--set", [*MODEL, "train.eval_every=2"])]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "| warp LSTM, trained |" in printed and "| untrained (random init) |" in printed
+    assert "| warp LSTM, trained |" in printed and "| untrained head (pretrained backbone) |" in printed
     res = json.loads((out / "results.json").read_text())
     assert res["steps"] == 2 and res["train"]["step"] == 2 and res["trained"]["checkpoint_step"] == 2
     assert res["config"]["model"]["cell"] == "warp" and res["config"]["preset"] == "cpu"

@@ -152,6 +152,11 @@ def preset(name: str) -> Config:
                 head_mid_channels=32,
                 head_out_channels=128,
                 head_blocks=1,
+                # issue 11: start from the backbone pretrained to name the atoms of actors (`stvr
+                # pretrain`, the analogue of Kinetics pretraining; shipped with the package), read
+                # RoI features where the tiny backbone's cells really are (cell i at pixel 16 i)
+                backbone_weights="builtin",
+                roi_mapping="pixel",
             ),
             data=DataConfig(root="data/synthetic"),
             # sized for `make demo` (<= 10 min on 2 CPU cores, ~1-1.5 s per step)
@@ -212,7 +217,11 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
             names = ", ".join(f.name for f in dataclasses.fields(section))
             raise ValueError(f"unknown field {field_name!r} in section {section_name!r}; fields: {names}")
         try:
-            parsed = coerce_value(value.strip(), getattr(section, field_name))
+            optional = type(section)().__getattribute__(field_name) is None   # a `str | None` field
+            if optional and value.strip().lower() in ("none", "null", ""):
+                parsed = None
+            else:
+                parsed = coerce_value(value.strip(), getattr(section, field_name))
         except ValueError as err:
             raise ValueError(f"{key.strip()}: cannot parse {value.strip()!r} ({err})") from None
         setattr(section, field_name, parsed)

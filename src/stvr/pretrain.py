@@ -122,7 +122,7 @@ def pretrain_backbone(root: str | Path, cfg: ModelConfig, out: str | Path, *, st
 
     Returns:
         A summary: ``train_clips``, ``steps``, ``loss_first`` / ``loss_last`` (mean of the
-        first / last 50 steps), ``val_auc`` per action id and its mean, ``seconds``, ``out``.
+        first / last 50 steps, or of a fifth of the steps when fewer than 250), ``val_auc`` per action id and its mean, ``seconds``, ``out``.
     """
     from safetensors.torch import save_file
     from tqdm import tqdm
@@ -166,10 +166,11 @@ def pretrain_backbone(root: str | Path, cfg: ModelConfig, out: str | Path, *, st
             epoch += 1
     finally:
         bar.close()
+    window = max(1, min(50, len(losses) // 5))
     summary: dict[str, Any] = {
         "train_clips": len(train_set), "action_ids": index.action_ids, "steps": step,
-        "loss_first": float(np.mean(losses[:50])) if losses else float("nan"),
-        "loss_last": float(np.mean(losses[-50:])) if losses else float("nan"),
+        "loss_first": float(np.mean(losses[:window])) if losses else float("nan"),
+        "loss_last": float(np.mean(losses[-window:])) if losses else float("nan"),
     }
     if (root / "annotations" / "val.csv").is_file():
         vindex = actor_index(root, "val", index.action_ids)
@@ -198,5 +199,8 @@ def pretrain_backbone(root: str | Path, cfg: ModelConfig, out: str | Path, *, st
     tmp = out.with_name(f".{out.name}.tmp")
     save_file(state, str(tmp), metadata=meta)
     tmp.replace(out)
+    from .guards import apply_default_mode
+
+    apply_default_mode(out)
     summary["out"] = str(out)
     return summary

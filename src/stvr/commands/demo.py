@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     timings["eval_seconds"] = round(time.perf_counter() - t0, 2)
 
     table = results_table({"warp LSTM, trained" if cfg.model.cell == "warp" else f"{cfg.model.cell}, trained":
-                           res_trained, "untrained (random init)": res_untrained})
+                           res_trained, untrained_name(cfg): res_untrained})
     print(table)
 
     figures: dict[str, str] = {}
@@ -159,6 +159,15 @@ def run(args: argparse.Namespace) -> int:
     if res_trained["failed_pairs"]:
         print(f"warning: {len(res_trained['failed_pairs'])} test pair(s) could not be loaded")
     return 0
+
+
+def untrained_name(cfg) -> str:
+    """Row name of the model before training: its head is random; its backbone may be pretrained."""
+    if cfg.model.backbone == "tiny" and cfg.model.backbone_weights:
+        return "untrained head (pretrained backbone)"
+    if cfg.model.backbone == "i3d" and cfg.model.i3d_weights:
+        return "untrained head (pretrained I3D)"
+    return "untrained (random init)"
 
 
 def results_table(results: dict[str, dict]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,6 +44,11 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{name} must be >= 1, got {v}")
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
+    from ..guards import check_output
+
+    check_output(args.out, "--out", extensions=[".safetensors"], inputs=[("--data", args.data)])
+    if not (Path(args.data) / "annotations" / "train.csv").is_file():
+        raise ValueError(f"--data {args.data}: no annotations/train.csv (a dataset root written by `stvr data ...`)")
     cfg = config_from_args(args)
     if cfg.model.backbone != "tiny":
         raise ValueError("stvr pretrain trains the tiny backbone (the paper preset starts from Kinetics I3D "
