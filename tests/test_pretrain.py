@@ -229,3 +229,22 @@ def test_ground_truth_boxes_join_the_second_stage(monkeypatch):
         hits[add] = int(sum(((boxes - g).abs().sum(1) < 1e-4).sum() for g in gt_px))
     assert hits[False] == 0
     assert hits[True] >= 5          # 5 real clips; each samples at least one of its 2 GT boxes
+
+
+def test_similarity_features_compare_the_crop_means():
+    from stvr.model.network import fuse_features
+
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.randn(3, 4, 7, 7, generator=g), torch.randn(3, 4, 7, 7, generator=g)
+    torch.testing.assert_close(fuse_features(p, q), torch.cat([p, q], 1))
+    f = fuse_features(p, q, "similarity")
+    assert f.shape == (3, 16, 7, 7)
+    mp, mq = p.mean((2, 3)), q.mean((2, 3))
+    torch.testing.assert_close(f[:, 8:12, 3, 5], mp * mq)
+    torch.testing.assert_close(f[:, 12:, 0, 0], (mp - mq).abs())
+    assert torch.equal(f[:, 8:, 0, 0], f[:, 8:, 6, 6])              # broadcast over the cells
+    with pytest.raises(ValueError, match="match_features"):
+        fuse_features(p, q, "nope")
+    cfg = dataclasses.replace(preset("cpu").model, match_features="similarity", backbone_weights=None)
+    model = STVRModel(cfg)
+    assert model.head.blocks[0].conv1.in_channels == 4 * cfg.backbone_channels

@@ -461,3 +461,31 @@ def test_clip_flow_lives_with_the_data_and_sequence_flows():
     flows = data_flow.sequence_flows(clips, None, 2)
     assert flows.shape == (2, 3, 2, 2, 2) and flows.abs().max() < 0.05
     assert torch.equal(flows[:, 0], torch.zeros(2, 2, 2, 2))
+
+
+def test_warp_cell_survives_coinciding_control_points(caplog):
+    """Predicted destinations that coincide make the unregularized spline singular: the cell
+    fits that step with a small regularization (and says so once) instead of raising."""
+    import logging
+
+    from stvr.recurrent import build_cell
+
+    torch.manual_seed(0)
+    cell = build_cell("warp", 4, 4, bottleneck=4, grid=3)
+    x = torch.randn(2, 4, 12, 12)
+    _, state = cell(x)
+    pts, _ = cell.predict_offsets(x, state[0])
+    # move every control point onto the first one: offsets = pts[0] - pts
+    with torch.no_grad():
+        cell.offset.weight.zero_()
+    target = (pts[0] - pts)                                   # [N, 2]
+
+    def fixed(xx, hh):
+        return pts, target.expand(xx.shape[0], -1, -1).clone()
+
+    cell.predict_offsets = fixed
+    with caplog.at_level(logging.WARNING, logger="stvr.recurrent"):
+        out, (h, c) = cell(x, state)
+        out2, _ = cell(x, state)
+    assert torch.isfinite(out).all() and torch.isfinite(c).all()
+    assert sum("coincide" in r.getMessage() for r in caplog.records) == 1

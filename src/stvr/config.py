@@ -60,6 +60,7 @@ class ModelConfig:
     roi_mapping: str = "tf"            # "tf" (crop_and_resize, official) | "pixel" (cell i at pixel 16 i)
     # attention (Eq. 10)
     attention_dim: int = 128
+    match_features: str = "concat"    # head input: "concat" [f_p, fbar_q] (paper) | "similarity" (+ product, |diff|)
     # second stage
     head: str = "resnet"               # "resnet" (official block4 + 3-way softmax) | "binary" (paper text)
     head_mid_channels: int = 512       # bottleneck width of the head block
@@ -325,6 +326,8 @@ def validate_config(cfg: Config) -> Config:
         raise ValueError(f"model.backbone must be one of {BACKBONES}, got {m.backbone!r}")
     if m.head not in HEADS:
         raise ValueError(f"model.head must be one of {HEADS}, got {m.head!r}")
+    if m.match_features not in ("concat", "similarity"):
+        raise ValueError(f"model.match_features must be 'concat' or 'similarity', got {m.match_features!r}")
     if m.roi_mapping not in ("tf", "pixel"):
         raise ValueError(f"model.roi_mapping must be 'tf' or 'pixel', got {m.roi_mapping!r}")
     if m.backbone_weights is not None and m.backbone != "tiny":

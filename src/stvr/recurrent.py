@@ -28,6 +28,7 @@ channel 1 = dx (columns).
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from typing import Any
 
@@ -38,6 +39,11 @@ from torch import Tensor, nn
 
 from .config import CELL_KINDS
 from .data.flow import clip_flow  # noqa: F401  (moved to stvr.data.flow; kept importable here)
+
+log = logging.getLogger(__name__)
+
+#: spline regularization of a warp step whose predicted control points coincide (else singular)
+SINGULAR_REGULARIZATION = 1e-3
 
 __all__ = [
     "ConvLSTMCell",
@@ -322,6 +328,7 @@ class WarpLSTMCell(ConvLSTMCell):
         self._cp_key: tuple | None = None
         self._cp_taps: tuple[Tensor, Tensor | None] = (torch.zeros(0, dtype=torch.long), None)
         self.last_offsets: Tensor | None = None
+        self._warned_singular = False
         self.last_dense_flow: Tensor | None = None
 
     def _control_points(self, H: int, W: int, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -353,9 +360,24 @@ class WarpLSTMCell(ConvLSTMCell):
             self.last_dense_flow = None
         else:
             src = pts.to(x.dtype).unsqueeze(0).expand_as(offsets)
-            (h, c), flow = _warp_module().warp_states(
-                (h, c), src, src + offsets, order=self.order, num_boundary_points=self.num_boundary_points
-            )
+            try:
+                (h, c), flow = _warp_module().warp_states(
+                    (h, c), src, src + offsets, order=self.order, num_boundary_points=self.num_boundary_points
+                )
+            except ValueError as err:
+                # predicted destinations that (nearly) coincide make the official, unregularized
+                # spline system singular (TF would return garbage); fit this step with a small
+                # regularization instead of stopping a training run or an inference
+                if "coincide" not in str(err):
+                    raise
+                if not self._warned_singular:
+                    log.warning("warp LSTM: two predicted control points coincide; fitting the spline "
+                                "with regularization %g for such steps", SINGULAR_REGULARIZATION)
+                    self._warned_singular = True
+                (h, c), flow = _warp_module().warp_states(
+                    (h, c), src, src + offsets, order=self.order, num_boundary_points=self.num_boundary_points,
+                    regularization_weight=SINGULAR_REGULARIZATION,
+                )
             self.last_dense_flow = flow.detach()
         out, c = self.update(x, h, c)
         return out, (out, c)

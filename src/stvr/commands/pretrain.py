@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=16, help="actor clips per step")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, cosine decay)")
+    p.add_argument("--init", metavar="FILE", help="continue from these backbone weights (.safetensors of an "
+                   "earlier `stvr pretrain`) instead of a random initialization")
     p.add_argument("--seed", type=int, default=0, help="initialization and sampling seed")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--device", default="cpu", help="torch device")
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{name} must be >= 1, got {v}")
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
-    from ..guards import check_output
+    from ..guards import check_input_file, check_output
 
     check_output(args.out, "--out", extensions=[".safetensors"], inputs=[("--data", args.data)])
     if not (Path(args.data) / "annotations" / "train.csv").is_file():
@@ -53,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     if cfg.model.backbone != "tiny":
         raise ValueError("stvr pretrain trains the tiny backbone (the paper preset starts from Kinetics I3D "
                          "weights: model.i3d_weights)")
-    cfg.model.backbone_weights = None  # pretraining starts from a random initialization
+    # pretraining starts from a random initialization, or from --init
+    cfg.model.backbone_weights = str(check_input_file(args.init, "--init")) if args.init else None
     summary = pretrain_backbone(args.data, cfg.model, args.out, steps=args.steps, batch_size=args.batch_size,
                                 lr=args.lr, seed=args.seed, workers=args.workers, device=args.device,
                                 progress=not args.quiet,

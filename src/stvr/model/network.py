@@ -21,6 +21,24 @@ from .rpn import RPNHead, anchor_generator, grid_anchors, rpn_losses, rpn_propos
 __all__ = ["STVRModel"]
 
 
+def fuse_features(proposal: Tensor, query: Tensor, kind: str = "concat") -> Tensor:
+    """The head's input from proposal features and attended query features (both ``[K, C, 7, 7]``).
+
+    ``"concat"`` (the paper, Figure 5): ``[K, 2C, 7, 7]``. ``"similarity"``: the same plus, broadcast
+    over the 7 x 7 cells, the product and the absolute difference of the two crops' spatial means
+    (``[K, 4C, 7, 7]``): an explicit comparison of "what the proposal does" with "what the query
+    does", in the form the pretrained backbone encodes it (linearly decodable from the crop mean).
+    """
+    parts = [proposal, query]
+    if kind == "similarity":
+        mp, mq = proposal.mean((2, 3), keepdim=True), query.mean((2, 3), keepdim=True)
+        sim = torch.cat([mp * mq, (mp - mq).abs()], dim=1)
+        parts.append(sim.expand(-1, -1, *proposal.shape[-2:]))
+    elif kind != "concat":
+        raise ValueError(f"unknown model.match_features {kind!r}; choose 'concat' or 'similarity'")
+    return torch.cat(parts, dim=1)
+
+
 class STVRModel(nn.Module):
     """Spatio-temporal video re-localization network (paper Fig. 5).
 
@@ -59,7 +77,8 @@ class STVRModel(nn.Module):
         num_anchors = len(cfg.anchor_scales) * len(cfg.anchor_aspect_ratios)
         self.rpn = RPNHead(channels, cfg.rpn_channels, num_anchors)
         self.attention = QueryAttention(channels, cfg.attention_dim)
-        self.head = BoxHead(2 * channels, cfg.head_mid_channels, cfg.head_out_channels,
+        fused = (4 if cfg.match_features == "similarity" else 2) * channels
+        self.head = BoxHead(fused, cfg.head_mid_channels, cfg.head_out_channels,
                             cfg.head_blocks, binary=cfg.head == "binary")
         self.box_coder = BoxCoder(tuple(float(w) for w in cfg.box_coder_weights))
         self.anchor_generator = anchor_generator(cfg)
@@ -154,7 +173,7 @@ class STVRModel(nn.Module):
         feats = crop_features(maps, boxes / self.image_size, clip_index, self.cfg.roi_crop_size,
                               mapping=self.cfg.roi_mapping, image_size=self.image_size)
         attended = self.attention(feats, clip_pair[clip_index], query_feats, query_index)
-        return self.head(torch.cat([feats, attended], dim=1))
+        return self.head(fuse_features(feats, attended, self.cfg.match_features))
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: PairBatch) -> dict[str, Tensor] | list[list[Tensor]]:
