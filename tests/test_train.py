@@ -135,7 +135,8 @@ def test_checkpoint_is_safetensors_plus_json_and_reloads(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(v, weights[k]), k
     buffers = _params(out / "last.optim.safetensors")
-    assert set(buffers) == {n for n, _ in model.named_parameters()}
+    assert set(buffers) == {n for n, p in model.named_parameters() if p.requires_grad}   # frozen backbone: none
+    assert not any(n.startswith("backbone.") for n in buffers) and model.backbone_frozen
     # resuming with another model config is refused (not silently mixed)
     with pytest.raises(ValueError, match=r"another model config \(fields \['cell'\]\)"):
         T.train(_cfg("model.cell=warp"), out, max_steps=3, train_set=PairsInMemory(4), progress=False)

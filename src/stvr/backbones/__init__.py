@@ -29,9 +29,10 @@ def resolve_backbone_weights(name: str) -> Path:
     return BUILTIN_TINY_WEIGHTS if name == "builtin" else Path(name)
 
 
-def load_tiny_weights(backbone: nn.Module, name: str) -> dict[str, str]:
+def load_tiny_weights(backbone: nn.Module, name: str) -> dict[str, str] | None:
     """Load a ``.safetensors`` state dict (``"builtin"`` = the shipped weights) into a
-    :class:`TinyBackbone`; returns the file's metadata.
+    :class:`TinyBackbone`; returns the file's metadata (None when the builtin weights do
+    not fit this backbone's sizes: then nothing is loaded, with a warning).
 
     Raises ``ValueError`` naming the file when it is missing, unreadable, or made for
     another width / channel count (the message tells which ``model`` fields to set).
@@ -57,7 +58,7 @@ def load_tiny_weights(backbone: nn.Module, name: str) -> dict[str, str]:
         log.warning("model.backbone_weights='builtin' holds the tiny backbone of the cpu preset "
                     "(tiny_width=16, backbone_channels=64); this backbone has other sizes and starts "
                     "from a random initialization (pretrain one with `stvr pretrain`)")
-        return {}
+        return None
     if bad or extra:
         raise ValueError(f"model.backbone_weights: {path} does not fit this tiny backbone "
                          f"(mismatched {bad[:3] or extra[:3]}); it was made for {meta.get('model', '?')[:200]}; "
@@ -78,10 +79,11 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
         if channels != cfg.backbone_channels:
             raise ValueError(f"i3d with {cfg.clip_frames}-frame clips gives {channels} channels, "
                              f"but model.backbone_channels={cfg.backbone_channels}")
-        return I3DBackbone(freeze_bn=cfg.freeze_bn, weights=cfg.i3d_weights)
+        backbone = I3DBackbone(freeze_bn=cfg.freeze_bn, weights=cfg.i3d_weights)
+        backbone.pretrained = cfg.i3d_weights is not None
+        return backbone
     if cfg.backbone == "tiny":
         backbone = TinyBackbone(cfg.tiny_width, cfg.backbone_channels, cfg.clip_frames)
-        if cfg.backbone_weights:
-            load_tiny_weights(backbone, cfg.backbone_weights)
+        backbone.pretrained = bool(cfg.backbone_weights) and load_tiny_weights(backbone, cfg.backbone_weights) is not None
         return backbone
     raise ValueError(f"unknown backbone {cfg.backbone!r}; choose 'i3d' or 'tiny'")

@@ -68,6 +68,8 @@ def model_summary(cfg: ModelConfig, flops: bool = True, query_clips: int = 3) ->
     boxes = torch.tensor([[0.1, 0.2, 0.6, 0.9]]).repeat(p, 1)
     idx = torch.zeros(p, dtype=torch.long)
     query = torch.randn(query_clips, c, 7, 7)
+    from ..model.network import fuse_features
+
     counts: dict[str, int] = {}
     with torch.no_grad():
         counts["backbone"] = _flops(lambda: model.backbone(clip))
@@ -82,7 +84,7 @@ def model_summary(cfg: ModelConfig, flops: bool = True, query_clips: int = 3) ->
         counts["attention"] = _flops(lambda: model.attention(
             crop_features(fmap, boxes, idx, cfg.roi_crop_size), idx,
             query, torch.zeros(query_clips, dtype=torch.long)))
-        fused = torch.cat([feats, feats], 1)
+        fused = fuse_features(feats, feats, cfg.match_features)
         counts["head"] = _flops(lambda: model.head(fused))
     counts["total"] = sum(counts.values())
     out["flops_per_clip"] = counts

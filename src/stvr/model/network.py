@@ -4,6 +4,8 @@ See :mod:`stvr.model` for the data flow and the conventions."""
 
 from __future__ import annotations
 
+import logging
+
 from typing import Any
 
 import torch
@@ -20,6 +22,8 @@ from .rpn import RPNHead, anchor_generator, grid_anchors, rpn_losses, rpn_propos
 
 __all__ = ["STVRModel"]
 
+
+log = logging.getLogger(__name__)
 
 def fuse_features(proposal: Tensor, query: Tensor, kind: str = "concat") -> Tensor:
     """The head's input from proposal features and attended query features (both ``[K, C, 7, 7]``).
@@ -70,7 +74,13 @@ class STVRModel(nn.Module):
         self.rpn_pre_nms_top_n = rpn_pre_nms_top_n
         channels = cfg.backbone_channels
         self.backbone = build_backbone(cfg)
-        if cfg.freeze_backbone:          # pretrained features kept as they are (no gradient, stored BN stats)
+        # pretrained features kept as they are (no gradient, stored BN statistics); a backbone
+        # without pretrained weights is always trained
+        self.backbone_frozen = bool(cfg.freeze_backbone and getattr(self.backbone, "pretrained", False))
+        if cfg.freeze_backbone and not self.backbone_frozen:
+            log.warning("model.freeze_backbone is set but the backbone has no pretrained weights; "
+                        "training it from its random initialization")
+        if self.backbone_frozen:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
         self.cell = _build_cell(cfg)
@@ -94,7 +104,7 @@ class STVRModel(nn.Module):
     # ------------------------------------------------------------------ stages
     def train(self, mode: bool = True) -> "STVRModel":
         super().train(mode)
-        if self.cfg.freeze_backbone:
+        if self.backbone_frozen:
             self.backbone.eval()
         return self
 
@@ -103,7 +113,7 @@ class STVRModel(nn.Module):
         if clips.shape[0] == 0:
             c, h = self.cfg.backbone_channels, self.feature_size
             return clips.new_zeros(0, c, h, h)
-        if self.cfg.freeze_backbone:
+        if self.backbone_frozen:
             with torch.no_grad():
                 return torch.cat([self.backbone(c) for c in clips.split(self.backbone_chunk)])
         if torch.is_grad_enabled() and self.training:
