@@ -171,10 +171,10 @@ def preset(name: str) -> Config:
             train=TrainConfig(
                 batch_size=4,
                 lr=0.03,
-                lr_steps=(500,),
-                max_steps=600,
+                lr_steps=(400,),
+                max_steps=500,
                 log_every=10,
-                eval_every=200,
+                eval_every=250,
                 checkpoint_every=50,
             ),
         )
