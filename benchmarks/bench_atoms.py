@@ -29,20 +29,9 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from stvr.data.actors import ActorClipDataset, actor_index
+from stvr.evaluation import roc_auc
 
 CROP = 32
-
-
-def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """ROC AUC with ties counted one half (Mann-Whitney U); NaN without both classes."""
-    from scipy.stats import rankdata
-
-    labels = labels.astype(bool)
-    npos, nneg = int(labels.sum()), int((~labels).sum())
-    if npos == 0 or nneg == 0:
-        return float("nan")
-    r = rankdata(scores)
-    return float((r[labels].sum() - npos * (npos + 1) / 2) / (npos * nneg))
 
 
 def crops(root: Path, split: str, size: int, action_ids=None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

@@ -36,29 +36,18 @@ from torch.utils.data import DataLoader
 from .backbones import build_backbone
 from .config import ModelConfig
 from .data.actors import ActorClipDataset, actor_index
+from .evaluation import roc_auc
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BUILTIN_RECIPE", "ActorClassifier", "pretrain_backbone", "roc_auc"]
+__all__ = ["BUILTIN_RECIPE", "ActorClassifier", "pretrain_backbone"]
 
 #: how the shipped weights were made (also stored in their metadata)
 BUILTIN_RECIPE = (
-    "stvr data synth --out data/pretrain-synth --seed 1000 --atoms-per-label 1 0 0 && "
-    "stvr pretrain --data data/pretrain-synth --out src/stvr/backbones/weights/tiny_synthetic.safetensors "
-    "--steps 1500 --seed 0"
+    "stvr data synth --out data/pretrain-synth --seed 1000 --atoms-per-label 1 0 0 --num-train-videos 64 && "
+    "stvr pretrain --data data/pretrain-synth --out tiny_synthetic.safetensors --steps 2000 --lr 3e-3 "
+    "--seed 0 --set model.roi_mapping=pixel"
 )
-
-
-def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """ROC AUC with ties counted one half; NaN without both classes."""
-    from scipy.stats import rankdata
-
-    labels = np.asarray(labels).astype(bool)
-    npos, nneg = int(labels.sum()), int((~labels).sum())
-    if npos == 0 or nneg == 0:
-        return float("nan")
-    r = rankdata(np.asarray(scores, dtype=np.float64))
-    return float((r[labels].sum() - npos * (npos + 1) / 2) / (npos * nneg))
 
 
 class ActorClassifier(nn.Module):
