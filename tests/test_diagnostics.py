@@ -32,12 +32,7 @@ def det(box, score):
 
 
 # ----------------------------------------------------------------------------- reference implementation
-def ref_iou(a, b):
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+from test_evaluation import ref_iou  # noqa: E402  (the plain-Python IoU of the frame-mAP reference)
 
 
 def ref_auc(scores, labels):
