@@ -302,3 +302,47 @@ def test_clips_without_ground_truth_give_finite_losses():
     assert all(torch.isfinite(v) for v in losses.values())
     losses["loss"].backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_iou_head_adds_its_loss_and_scores():
+    torch.manual_seed(0)
+    model = build(cell="conv", iou_head=True, iou_loss_weight=0.5).train()
+    assert model.head.iou_pred is not None
+    losses = model(make_batch())
+    assert set(losses) == {"rpn_objectness", "rpn_box", "box_classifier", "box_reg", "box_iou", "loss"}
+    cfg = model.cfg
+    total = (cfg.rpn_obj_weight * losses["rpn_objectness"] + cfg.rpn_loc_weight * losses["rpn_box"]
+             + cfg.box_cls_weight * losses["box_classifier"] + cfg.box_loc_weight * losses["box_reg"]
+             + 0.5 * losses["box_iou"])
+    torch.testing.assert_close(losses["loss"], total)
+    # BCE against targets in [0, 1] from a zero-initialized logit: log 2 over the normalized weights
+    assert 0.0 < float(losses["box_iou"].detach()) <= float(torch.log(torch.tensor(2.0))) + 1e-6
+    losses["loss"].backward()
+    assert model.head.iou_pred.weight.grad.abs().sum() > 0
+    # eval: scores are p(match) * sigmoid(iou logit) -- with a zero IoU layer, 1/2 for every box
+    torch.nn.init.zeros_(model.head.iou_pred.weight)
+    model.eval()
+    with torch.no_grad():
+        dets = model(make_batch())
+        model.cfg = dataclasses.replace(cfg, det_iou_power=0.0)
+        plain = model(make_batch())
+    for a, b in zip(dets, plain):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x[:, 4], y[:, 4] * 0.5)
+            torch.testing.assert_close(x[:, :4], y[:, :4])
+
+
+def test_iou_head_learns_the_localization_quality():
+    torch.manual_seed(0)
+    model = build(cell="none", iou_head=True).train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    batch = make_batch()
+    first = None
+    for _ in range(30):
+        torch.manual_seed(1)        # the same sampled proposals every step
+        loss = model(batch)["box_iou"]
+        first = float(loss) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.8 * first

@@ -150,3 +150,58 @@ def test_stvr_model_keeps_its_old_names():
     with pytest.raises(ValueError, match="RoI mapping"):
         crop_features(torch.zeros(1, 1, 4, 4), torch.zeros(1, 4), torch.zeros(1, dtype=torch.long),
                       mapping="bogus")
+
+
+def test_iou_loss_targets_the_refined_box_iou_with_the_nearest_person():
+    # two persons; proposal 0 = person 0, proposal 1 half on person 1, proposal 2 on nobody
+    gt = torch.tensor([[[10., 10., 30., 30.], [35., 35., 55., 55.], [0., 0., 0., 0.]]])
+    gt_valid = torch.tensor([[True, True, False]])
+    boxes = torch.tensor([[10., 10., 30., 30.], [25., 35., 45., 55.], [0., 40., 20., 60.]])
+    t = roi_heads.BoxTargets(clip_index=torch.zeros(3, dtype=torch.long), boxes=boxes,
+                             labels=torch.tensor([2, 0, 0]), pos_rows=torch.tensor([0]),
+                             box_targets=torch.zeros(1, 4), clip_weight=torch.tensor([0.25]))
+    codes = torch.zeros(3, 2, 4)                  # refined box = proposal
+    target = torch.tensor([1.0, 1.0 / 3.0, 0.0])  # 10 x 20 overlap of two 20 x 20 boxes: 200 / 600
+    logits = torch.tensor([0.3, -0.2, 1.0], requires_grad=True)
+    loss = roi_heads.iou_loss(logits, codes, t, gt, gt_valid, CODER, image_size=S)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="sum") * 0.25
+    torch.testing.assert_close(loss, expected)
+    # the gradient vanishes where the prediction is the target (sigmoid(logit) = IoU)
+    (g,) = torch.autograd.grad(loss, logits)
+    torch.testing.assert_close(g, (logits.sigmoid() - target).detach() * 0.25)
+    # the target follows the refined (decoded, clipped) box, not the proposal: codes that move
+    # proposal 1 onto person 1 give target 1; the last class's codes are the ones read
+    codes2 = codes.clone()
+    codes2[1, 1] = CODER.encode_single(gt[0, 1:2], boxes[1:2])[0]
+    logit_one = torch.full((3,), 30.0)
+    per_row = [float(roi_heads.iou_loss(logit_one[i:i + 1], codes2[i:i + 1],
+                                        t._replace(clip_index=t.clip_index[i:i + 1], boxes=boxes[i:i + 1]),
+                                        gt, gt_valid, CODER, S)) for i in range(3)]
+    assert per_row[0] < 1e-6 and per_row[1] < 1e-6 and per_row[2] > 1.0
+    # refined boxes are clipped to the image first: [45, 35, 65, 55] -> [45, 35, 64, 55], 200 / 580
+    t3 = t._replace(clip_index=t.clip_index[:1], boxes=torch.tensor([[45., 35., 65., 55.]]))
+    lg = torch.zeros(1, requires_grad=True)
+    (g3,) = torch.autograd.grad(roi_heads.iou_loss(lg, codes[:1], t3, gt, gt_valid, CODER, S), lg)
+    torch.testing.assert_close(g3, torch.tensor([(0.5 - 200.0 / 580.0) * 0.25]))
+    # a clip without any person: target 0
+    empty = roi_heads.iou_loss(torch.zeros(3), codes, t, gt[:, :0], gt_valid[:, :0], CODER, S)
+    torch.testing.assert_close(empty, torch.tensor(3 * 0.25 * float(torch.log(torch.tensor(2.0)))))
+
+
+def test_postprocessing_multiplies_by_the_predicted_iou():
+    boxes = torch.tensor([[10., 10., 30., 30.], [40., 40., 60., 60.]])
+    clip_index = torch.zeros(2, dtype=torch.long)
+    logits = torch.tensor([[0., 0., 2.], [0., 0., 1.]])
+    codes = torch.zeros(2, 2, 4)
+    p = logits.softmax(-1)[:, 2]
+    plain = roi_heads.postprocess_detections(logits, codes, boxes, clip_index, 1, False, CODER, box_cfg(), S)[0]
+    torch.testing.assert_close(plain[:, 4], p)
+    quality = torch.tensor([0.2, 0.9])
+    iou_logits = torch.log(quality / (1 - quality))
+    for power in (0.0, 1.0, 2.0):
+        det = roi_heads.postprocess_detections(logits, codes, boxes, clip_index, 1, False, CODER,
+                                               box_cfg(det_iou_power=power), S, iou_logits)[0]
+        want = p * quality ** power
+        order = torch.argsort(want, descending=True)      # detections come sorted by score
+        torch.testing.assert_close(det[:, 4], want[order])
+        torch.testing.assert_close(det[:, :4], boxes[order] / S)

@@ -445,7 +445,7 @@ class _Run:
 
 
 _TRAIN_LOG_FIELDS = ["step", "lr", "loss", "rpn_objectness", "rpn_box", "box_classifier", "box_reg",
-                     "grad_norm", "clips_per_second", "seconds"]
+                     "box_iou", "grad_norm", "clips_per_second", "seconds"]
 
 
 def _open_logs(run: _Run, resumed: bool, start_step: int, with_val: bool) -> None:

@@ -488,7 +488,7 @@ def plot_training_curves(runs: Mapping[str, Mapping[str, Mapping[str, Any] | Non
     Args:
         runs: run name -> ``{"train": columns, "val": columns or None}`` (as
             :func:`load_run_logs`): train columns ``step``, ``loss`` and optionally
-            ``rpn_objectness``, ``rpn_box``, ``box_classifier``, ``box_reg``, ``lr``;
+            ``rpn_objectness``, ``rpn_box``, ``box_classifier``, ``box_reg``, ``box_iou``, ``lr``;
             val columns ``step`` and ``mAP@0.3`` / ``mAP@0.5`` / ``mAP@0.7``.
     Panels: total loss; loss components; learning rate; validation frame-mAP
     (solid 0.5, dashed 0.3, dotted 0.7). Figure size ``figsize`` inches at ``dpi``.
@@ -497,7 +497,8 @@ def plot_training_curves(runs: Mapping[str, Mapping[str, Mapping[str, Any] | Non
         raise ValueError("plot_training_curves needs at least one run")
     fig = _figure(figsize)
     ax_loss, ax_comp, ax_lr, ax_val = (fig.add_subplot(2, 2, i) for i in range(1, 5))
-    comps = {"rpn_objectness": "-", "rpn_box": "--", "box_classifier": "-.", "box_reg": ":"}
+    comps = {"rpn_objectness": "-", "rpn_box": "--", "box_classifier": "-.", "box_reg": ":",
+             "box_iou": (0, (5, 1, 1, 1))}
     any_val = False
     for i, (name, logs) in enumerate(runs.items()):
         color = _METHOD_COLORS[i % len(_METHOD_COLORS)]
@@ -507,7 +508,7 @@ def plot_training_curves(runs: Mapping[str, Mapping[str, Mapping[str, Any] | Non
         step = np.asarray(tr["step"], dtype=np.float64)
         ax_loss.plot(step, np.asarray(tr["loss"], dtype=np.float64), color=color, lw=1.2, label=name)
         for k, ls in comps.items():
-            if k in tr:
+            if k in tr and not np.isnan(np.asarray(tr[k], dtype=np.float64)).all():
                 ax_comp.plot(step, np.asarray(tr[k], dtype=np.float64), color=color, ls=ls, lw=1.0,
                              label=k if len(runs) == 1 else f"{name}: {k}")
         if "lr" in tr:

@@ -17,7 +17,7 @@ from ..config import ModelConfig
 from ..data.batch import PairBatch
 from .ops import pad_boxes
 from .query import crop_features, crop_queries
-from .roi_heads import BoxHead, QueryAttention, box_losses, box_targets, postprocess_detections
+from .roi_heads import BoxHead, QueryAttention, box_losses, box_targets, iou_loss, postprocess_detections
 from .rpn import RPNHead, anchor_generator, grid_anchors, rpn_losses, rpn_proposals, rpn_targets
 
 __all__ = ["STVRModel"]
@@ -89,7 +89,7 @@ class STVRModel(nn.Module):
         self.attention = QueryAttention(channels, cfg.attention_dim)
         fused = (4 if cfg.match_features == "similarity" else 2) * channels
         self.head = BoxHead(fused, cfg.head_mid_channels, cfg.head_out_channels,
-                            cfg.head_blocks, binary=cfg.head == "binary")
+                            cfg.head_blocks, binary=cfg.head == "binary", iou=cfg.iou_head)
         self.box_coder = BoxCoder(tuple(float(w) for w in cfg.box_coder_weights))
         self.anchor_generator = anchor_generator(cfg)
         self.record_offsets = False
@@ -175,20 +175,22 @@ class STVRModel(nn.Module):
         return obj, deltas, anchors, proposals, valid
 
     def _second_stage(self, maps: Tensor, boxes: Tensor, clip_index: Tensor, clip_pair: Tensor,
-                      query_feats: Tensor, query_index: Tensor) -> tuple[Tensor, Tensor]:
+                      query_feats: Tensor, query_index: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """Head on proposals ``boxes [K, 4]`` (pixels) of clips ``clip_index [K]`` of ``maps``.
 
-        ``clip_pair [N]`` is the pair of each map. Returns logits and box codes.
+        ``clip_pair [N]`` is the pair of each map. Returns logits, box codes and the
+        localization-quality logits ``[K]`` (None without ``model.iou_head``).
         """
         feats = crop_features(maps, boxes / self.image_size, clip_index, self.cfg.roi_crop_size,
                               mapping=self.cfg.roi_mapping, image_size=self.image_size)
         attended = self.attention(feats, clip_pair[clip_index], query_feats, query_index)
-        return self.head(fuse_features(feats, attended, self.cfg.match_features))
+        return self.head.forward_with_iou(fuse_features(feats, attended, self.cfg.match_features))
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: PairBatch) -> dict[str, Tensor] | list[list[Tensor]]:
         """Training: dict of scalar losses ``rpn_objectness``, ``rpn_box``,
-        ``box_classifier``, ``box_reg`` (unweighted) and ``loss`` (weighted total).
+        ``box_classifier``, ``box_reg`` (unweighted), ``box_iou`` with ``model.iou_head``, and
+        ``loss`` (weighted total).
 
         Eval: per pair, per real reference clip (``reference_mask`` True, in time
         order), a ``[K, 5]`` tensor of normalized ``[x1, y1, x2, y2, score]`` of the
@@ -237,13 +239,17 @@ class STVRModel(nn.Module):
         rpn_t = rpn_targets(gtb, gtv, anchors, self.box_coder, cfg, self.image_size, maps.dtype)
         rpn_obj, rpn_box = rpn_losses(obj, deltas, rpn_t)
         box_t = box_targets(proposals, pvalid, gtb, gtl, gtv, self.box_coder, cfg, total_clips, maps.dtype)
-        logits, codes = self._second_stage(maps, box_t.boxes, box_t.clip_index, clip_pair, query_feats,
-                                           query_index)
+        logits, codes, iou_logits = self._second_stage(maps, box_t.boxes, box_t.clip_index, clip_pair,
+                                                       query_feats, query_index)
         box_cls, box_reg = box_losses(logits, codes, box_t, self.head.binary)
         total = (cfg.rpn_obj_weight * rpn_obj + cfg.rpn_loc_weight * rpn_box
                  + cfg.box_cls_weight * box_cls + cfg.box_loc_weight * box_reg)
-        return {"rpn_objectness": rpn_obj, "rpn_box": rpn_box, "box_classifier": box_cls,
-                "box_reg": box_reg, "loss": total}
+        out = {"rpn_objectness": rpn_obj, "rpn_box": rpn_box, "box_classifier": box_cls, "box_reg": box_reg}
+        if iou_logits is not None:
+            out["box_iou"] = iou_loss(iou_logits, codes, box_t, gtb, gtv, self.box_coder, self.image_size)
+            total = total + cfg.iou_loss_weight * out["box_iou"]
+        out["loss"] = total
+        return out
 
     @torch.no_grad()
     def _detect(self, maps: Tensor, clip_pair: Tensor, query_feats: Tensor, query_index: Tensor) -> list[Tensor]:
@@ -251,9 +257,10 @@ class STVRModel(nn.Module):
         _, _, _, proposals, pvalid = self._proposals(maps)
         clip_index, slot = pvalid.nonzero(as_tuple=True)
         boxes = proposals[clip_index, slot]
-        logits, codes = self._second_stage(maps, boxes, clip_index, clip_pair, query_feats, query_index)
+        logits, codes, iou_logits = self._second_stage(maps, boxes, clip_index, clip_pair, query_feats,
+                                                       query_index)
         return postprocess_detections(logits, codes, boxes, clip_index, maps.shape[0], self.head.binary,
-                                      self.box_coder, self.cfg, self.image_size)
+                                      self.box_coder, self.cfg, self.image_size, iou_logits)
 
     @torch.no_grad()
     def detect_clips(self, query_features: Tensor, reference_clips: Tensor, state: Any = None,

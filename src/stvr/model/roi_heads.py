@@ -10,6 +10,11 @@ and losses, and the post-processing into detections.
 - Post-processing: softmax (sigmoid for the binary head), class-specific decoding,
   clipping, per-class NMS, ``det_per_class`` per class and ``det_per_clip`` per clip;
   only the query-match class is returned.
+- Localization quality (``iou_head``, not in the paper): one more output per proposal, the
+  IoU of its refined query-match box with the nearest annotated person, trained with BCE
+  against that IoU (:func:`iou_loss`); the detection score becomes
+  ``p(match) * sigmoid(iou_logit) ** det_iou_power``, so that a box half on an actor no
+  longer ranks with the boxes that frame one (IoU-Net, Jiang et al. 2018).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from ..data.batch import QUERY_MATCH
 from .ops import balanced_sample, batched_iou, rank_in_groups
 
 __all__ = ["QueryAttention", "FixedBatchNorm2d", "Bottleneck", "BoxHead", "BoxTargets",
-           "box_targets", "box_losses", "postprocess_detections"]
+           "box_targets", "box_losses", "iou_loss", "postprocess_detections"]
 
 
 class QueryAttention(nn.Module):
@@ -110,10 +115,12 @@ class BoxHead(nn.Module):
 
     ``num_blocks`` bottlenecks, spatial mean, then FC class logits and FC box codes:
     ``resnet`` head: 3 logits (bg / other person / query match) and ``[K, 2, 4]``
-    class-specific codes; ``binary`` head: 1 logit and ``[K, 1, 4]`` codes.
+    class-specific codes; ``binary`` head: 1 logit and ``[K, 1, 4]`` codes. With ``iou=True``
+    also a localization-quality logit ``[K]`` (:meth:`forward_with_iou`).
     """
 
-    def __init__(self, in_channels: int, mid: int, out: int, num_blocks: int, binary: bool = False) -> None:
+    def __init__(self, in_channels: int, mid: int, out: int, num_blocks: int, binary: bool = False,
+                 iou: bool = False) -> None:
         super().__init__()
         blocks = []
         for i in range(num_blocks):
@@ -124,14 +131,21 @@ class BoxHead(nn.Module):
         self.num_box_classes = 1 if binary else 2
         self.cls_score = nn.Linear(width, 1 if binary else 3)
         self.bbox_pred = nn.Linear(width, 4 * self.num_box_classes)
-        for layer in (self.cls_score, self.bbox_pred):
-            nn.init.xavier_uniform_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        self.iou_pred = nn.Linear(width, 1) if iou else None
+        for layer in (self.cls_score, self.bbox_pred, self.iou_pred):
+            if layer is not None:
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``[K, 2C, 7, 7] -> (logits [K, 3] or [K, 1], codes [K, 2 or 1, 4])``."""
+        return self.forward_with_iou(x)[:2]
+
+    def forward_with_iou(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """:meth:`forward` plus the localization-quality logit ``[K]`` (None without ``iou``)."""
         v = self.blocks(x).mean((2, 3))
-        return self.cls_score(v), self.bbox_pred(v).view(-1, self.num_box_classes, 4)
+        iou = self.iou_pred(v).squeeze(1) if self.iou_pred is not None else None
+        return self.cls_score(v), self.bbox_pred(v).view(-1, self.num_box_classes, 4), iou
 
 
 class BoxTargets(NamedTuple):
@@ -190,12 +204,38 @@ def box_losses(logits: Tensor, codes: Tensor, targets: BoxTargets, binary: bool)
     return (cls_loss * w).sum(), (reg * w[pos_rows]).sum()
 
 
+def iou_loss(iou_logits: Tensor, codes: Tensor, targets: BoxTargets, gt_boxes: Tensor, gt_valid: Tensor,
+             box_coder: BoxCoder, image_size: int) -> Tensor:
+    """Localization-quality loss of the sampled proposals of ``targets``.
+
+    The target of a proposal is the IoU of its refined query-match box (the last class of
+    ``codes [K, nc, 4]``, detached) with the nearest valid GT box of its clip (``gt_boxes
+    [N, G, 4]`` pixels, ``gt_valid [N, G]``; every annotated person), 0 without any; the loss is
+    BCE-with-logits of ``iou_logits [K]`` against it, weighted per clip like :func:`box_losses`.
+    The refined box is clipped to the ``image_size`` square, as in :func:`postprocess_detections`.
+    """
+    with torch.no_grad():
+        refined = box_coder.decode_single(codes[:, -1].detach(), targets.boxes)          # [K, 4]
+        refined = clip_boxes_to_image(refined, (image_size, image_size))
+        target = iou_logits.new_zeros(iou_logits.shape[0])
+        if gt_boxes.shape[1]:
+            iou = batched_iou(refined[:, None, :], gt_boxes[targets.clip_index])[:, 0]     # [K, G]
+            target = iou.masked_fill(~gt_valid[targets.clip_index], 0.0).amax(1).clamp(0.0, 1.0)
+        target = target.to(iou_logits.dtype)
+    w = targets.clip_weight[targets.clip_index]
+    loss = F.binary_cross_entropy_with_logits(iou_logits, target, reduction="none")
+    return (loss * w).sum()
+
+
 @torch.no_grad()
 def postprocess_detections(logits: Tensor, codes: Tensor, boxes: Tensor, clip_index: Tensor,
                            num_clips: int, binary: bool, box_coder: BoxCoder, cfg: Any,
-                           image_size: int) -> list[Tensor]:
+                           image_size: int, iou_logits: Tensor | None = None) -> list[Tensor]:
     """Detections ``[K, 5]`` (normalized xyxy + query-match score) for each of ``num_clips``
-    clips from the head's outputs on proposals ``boxes [K, 4]`` pixels of clips ``clip_index``."""
+    clips from the head's outputs on proposals ``boxes [K, 4]`` pixels of clips ``clip_index``.
+
+    With ``iou_logits [K]`` (the ``iou_head``'s output) the class probabilities are multiplied
+    by ``sigmoid(iou_logits) ** cfg.det_iou_power`` before thresholding and NMS."""
     size, n = image_size, num_clips
     k, nc = codes.shape[:2]
     if binary:
@@ -204,6 +244,8 @@ def postprocess_detections(logits: Tensor, codes: Tensor, boxes: Tensor, clip_in
     else:
         scores = logits.softmax(-1)[:, 1:]                          # [K, 2] other, match
         match_class = 1
+    if iou_logits is not None:
+        scores = scores * iou_logits.sigmoid()[:, None].pow(cfg.det_iou_power)
     dec = box_coder.decode_single(codes.reshape(-1, 4), boxes.repeat_interleave(nc, 0))
     dec = clip_boxes_to_image(dec, (size, size))
     scores = scores.reshape(-1)
