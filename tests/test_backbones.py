@@ -157,3 +157,37 @@ def test_tiny_backbone_contract():
         build_backbone(dataclasses.replace(cfg, backbone="i3d"))
     with pytest.raises(ValueError, match="unknown backbone"):
         build_backbone(dataclasses.replace(cfg, backbone="resnet"))
+
+
+def test_tiny_backbone_stride_8_evaluates_the_same_weights_on_every_stride_8_cell():
+    torch.manual_seed(0)
+    b16 = TinyBackbone(width=4, out_channels=16, clip_frames=8).eval()
+    b8 = TinyBackbone(width=4, out_channels=16, clip_frames=8, output_stride=8).eval()
+    b8.load_state_dict(b16.state_dict())          # same parameters, no new ones
+    for m in list(b16.modules()) + list(b8.modules()):
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.1, 0.1)
+    b8.load_state_dict(b16.state_dict())
+    x = torch.randn(2, 3, 8, 64, 64)
+    with torch.no_grad():
+        y16, y8 = b16(x), b8(x)
+    assert y16.shape == (2, 16, 4, 4) and y8.shape == (2, 16, 8, 8)
+    # a stride-2 conv's cell i is the stride-1 conv's cell 2 i (kernel 3, padding 1)
+    torch.testing.assert_close(y8[..., ::2, ::2], y16)
+    with pytest.raises(ValueError, match="output_stride"):
+        TinyBackbone(output_stride=4)
+
+
+def test_feature_stride_8_is_for_the_tiny_backbone_only():
+    from stvr.config import validate_config
+
+    cfg = preset("cpu")
+    ok = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, feature_stride=8))
+    assert validate_config(ok).model.feature_stride == 8
+    assert build_backbone(dataclasses.replace(ok.model, backbone_weights=None)).output_stride == 8
+    paper = preset("paper")
+    bad = dataclasses.replace(paper, model=dataclasses.replace(paper.model, feature_stride=8))
+    with pytest.raises(ValueError, match="feature_stride"):
+        validate_config(bad)
+    with pytest.raises(ValueError, match="feature_stride"):
+        validate_config(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, feature_stride=4)))

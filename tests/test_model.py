@@ -346,3 +346,20 @@ def test_iou_head_learns_the_localization_quality():
         loss.backward()
         opt.step()
     assert float(loss) < 0.8 * first
+
+
+@pytest.mark.parametrize("cell", ["none", "warp"])
+def test_feature_stride_8_model_runs_on_the_finer_map(cell):
+    model = build(cell=cell, feature_stride=8).train()
+    assert model.feature_size == S // 8
+    losses = model(make_batch())
+    assert all(torch.isfinite(v) for v in losses.values())
+    losses["loss"].backward()
+    assert model.rpn.conv.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        dets = model(make_batch())
+        feats = model.run_backbone(make_batch().query_clips)
+    assert feats.shape[-2:] == (S // 8, S // 8)
+    assert [len(d) for d in dets] == [3, 2]
+    assert model.anchors(S // 8, S // 8, torch.device("cpu")).shape[0] == (S // 8) ** 2 * 12

@@ -29,6 +29,7 @@ class ModelConfig:
     clip_frames: int = 8               # frames per clip (3 clips per second at 24 fps)
     # backbone
     backbone: str = "i3d"              # "i3d" (Mixed_4c, paper) | "tiny" (cpu preset)
+    feature_stride: int = 16           # pixels per feature cell: 16 (I3D Mixed_4c), or 8 (tiny backbone only)
     backbone_channels: int = 1024      # channels of the per-clip map [N, C, S/16, S/16]
     tiny_width: int = 32               # base width of the tiny backbone
     i3d_weights: str | None = None     # local state-dict file (pytorch-i3d key names)
@@ -347,6 +348,9 @@ def validate_config(cfg: Config) -> Config:
         raise ValueError(f"model.match_features must be 'concat' or 'similarity', got {m.match_features!r}")
     if m.roi_mapping not in ("tf", "pixel"):
         raise ValueError(f"model.roi_mapping must be 'tf' or 'pixel', got {m.roi_mapping!r}")
+    if m.feature_stride not in (8, 16) or (m.feature_stride != 16 and m.backbone != "tiny"):
+        raise ValueError(f"model.feature_stride must be 16, or 8 with the tiny backbone; got "
+                         f"{m.feature_stride!r} with model.backbone={m.backbone!r}")
     if m.backbone_weights is not None and m.backbone != "tiny":
         raise ValueError("model.backbone_weights is for the tiny backbone; I3D weights go in model.i3d_weights")
     if len(m.box_coder_weights) != 4:

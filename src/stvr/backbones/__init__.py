@@ -75,6 +75,8 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
     file) is loaded strictly when set.
     """
     if cfg.backbone == "i3d":
+        if cfg.feature_stride != 16:
+            raise ValueError(f"model.feature_stride={cfg.feature_stride}: the I3D backbone has stride 16")
         channels = 512 * (-(-cfg.clip_frames // 4))
         if channels != cfg.backbone_channels:
             raise ValueError(f"i3d with {cfg.clip_frames}-frame clips gives {channels} channels, "
@@ -83,7 +85,7 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
         backbone.pretrained = cfg.i3d_weights is not None
         return backbone
     if cfg.backbone == "tiny":
-        backbone = TinyBackbone(cfg.tiny_width, cfg.backbone_channels, cfg.clip_frames)
+        backbone = TinyBackbone(cfg.tiny_width, cfg.backbone_channels, cfg.clip_frames, cfg.feature_stride)
         backbone.pretrained = bool(cfg.backbone_weights) and load_tiny_weights(backbone, cfg.backbone_weights) is not None
         return backbone
     raise ValueError(f"unknown backbone {cfg.backbone!r}; choose 'i3d' or 'tiny'")

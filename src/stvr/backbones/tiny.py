@@ -2,7 +2,9 @@
 
 ``[N, 3, T, S, S] -> [N, out_channels, S/16, S/16]``: four conv3d (3x3x3) +
 BatchNorm3d + ReLU blocks with strides (1,2,2), (2,2,2), (2,2,2), (1,2,2), so
-time shrinks by 4 (8 frames -> 2) and space by 16, like I3D's Mixed_4c; the
+time shrinks by 4 (8 frames -> 2) and space by 16, like I3D's Mixed_4c (with
+``output_stride=8`` the last block keeps the spatial size: the same weights
+evaluated on every stride-8 cell, ``S/8 x S/8``, cell ``i`` centred on pixel 8 i); the
 remaining time steps are flattened into channels time-major (channel =
 t * C' + c), exactly as the I3D backbone does, so ``out_channels`` must be a
 multiple of ``T / 4``.
@@ -35,10 +37,15 @@ class TinyBackbone(nn.Module):
         width: base width (``ModelConfig.tiny_width``).
         out_channels: channels of the output map (``ModelConfig.backbone_channels``).
         clip_frames: frames per clip T (T' = ceil(T / 4) time steps are flattened).
+        output_stride: 16, or 8 (no spatial stride in the last block; same parameters).
     """
 
-    def __init__(self, width: int = 16, out_channels: int = 64, clip_frames: int = 8) -> None:
+    def __init__(self, width: int = 16, out_channels: int = 64, clip_frames: int = 8,
+                 output_stride: int = 16) -> None:
         super().__init__()
+        if output_stride not in (8, 16):
+            raise ValueError(f"output_stride must be 8 or 16, got {output_stride!r}")
+        self.output_stride = output_stride
         self.time_steps = -(-clip_frames // 4)
         if out_channels % self.time_steps:
             raise ValueError(f"backbone_channels={out_channels} must be a multiple of "
@@ -48,14 +55,14 @@ class TinyBackbone(nn.Module):
             _Block(3, width, (1, 2, 2)),
             _Block(width, 2 * width, (2, 2, 2)),
             _Block(2 * width, 4 * width, (2, 2, 2)),
-            _Block(4 * width, out_channels // self.time_steps, (1, 2, 2)),
+            _Block(4 * width, out_channels // self.time_steps, (1, 2, 2) if output_stride == 16 else (1, 1, 1)),
         )
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, clips: Tensor) -> Tensor:
-        """``[N, 3, T, S, S] -> [N, out_channels, S/16, S/16]``."""
+        """``[N, 3, T, S, S] -> [N, out_channels, S/stride, S/stride]``."""
         x = self.blocks(clips)                         # [N, C', T', h, w]
         n, c, t, h, w = x.shape
         if t != self.time_steps:                       # other clip lengths: pool to T'

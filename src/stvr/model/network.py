@@ -65,11 +65,13 @@ class STVRModel(nn.Module):
         super().__init__()
         if cfg.image_size % 16:
             raise ValueError(f"model.image_size={cfg.image_size} must be a multiple of 16")
+        if cfg.feature_stride not in (8, 16):
+            raise ValueError(f"model.feature_stride must be 8 or 16, got {cfg.feature_stride!r}")
         if cfg.head not in ("resnet", "binary"):
             raise ValueError(f"model.head must be 'resnet' or 'binary', got {cfg.head!r}")
         self.cfg = cfg
         self.image_size = cfg.image_size
-        self.feature_size = cfg.image_size // 16
+        self.feature_size = cfg.image_size // cfg.feature_stride
         self.backbone_chunk = backbone_chunk
         self.rpn_pre_nms_top_n = rpn_pre_nms_top_n
         channels = cfg.backbone_channels
