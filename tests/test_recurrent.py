@@ -118,7 +118,8 @@ def test_build_cell_errors():
 
 def test_cell_options_from_presets():
     paper = preset("paper").model
-    assert cell_options(paper, "warp") == {"bottleneck": 128, "grid": 3, "order": 2, "num_boundary_points": 4}
+    assert cell_options(paper, "warp") == {"bottleneck": 128, "grid": 3, "order": 2, "num_boundary_points": 4,
+                                           "max_offset": 0.0}
     assert cell_options(paper, "traj") == {"bottleneck": 128, "links": 5}
     assert cell_options(paper, "conv") == {"bottleneck": 128}
     assert cell_options(paper, "flow") == {"bottleneck": 128}
@@ -489,3 +490,25 @@ def test_warp_cell_survives_coinciding_control_points(caplog):
         out2, _ = cell(x, state)
     assert torch.isfinite(out).all() and torch.isfinite(c).all()
     assert sum("coincide" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_warp_cell_max_offset_bounds_the_displacements_softly():
+    torch.manual_seed(0)
+    x, h, c = (rand(2, 4, 20, 20, seed=s, dtype=torch.float64) for s in range(3))
+    free = build_cell("warp", 4, 4, bottleneck=3).double()
+    bound = build_cell("warp", 4, 4, bottleneck=3, max_offset=1.5).double()
+    bound.load_state_dict(free.state_dict())
+    for raw in ([0.0, 0.0], [0.01, -0.02], [3.0, -6.0]):
+        with torch.no_grad():
+            for cell in (free, bound):
+                cell.offset.bias.copy_(torch.tensor(raw))
+        free(x, (h, c))
+        bound(x, (h, c))
+        r = torch.tensor(raw, dtype=torch.float64).expand(2, 9, 2)
+        torch.testing.assert_close(free.last_offsets, r)
+        torch.testing.assert_close(bound.last_offsets, 1.5 * torch.tanh(r / 1.5))
+    assert bound.last_offsets.abs().max() < 1.5
+    # identity to first order at zero: zero-initialized, the bounded cell is still a ConvLSTM
+    assert "max_offset=1.5" in repr(bound)
+    with pytest.raises(ValueError, match="max_offset"):
+        build_cell("warp", 4, 4, max_offset=-1.0)

@@ -44,6 +44,7 @@ class ModelConfig:
     warp_grid: int = 3                 # control points: warp_grid x warp_grid interior lines
     warp_order: int = 2                # polyharmonic order (2 = r^2 log r, 1 = r)
     warp_boundary_points: int = 4      # k -> 4k zero-flow border points
+    warp_max_offset: float = 0.0       # soft bound of the displacements, cells (m tanh(d / m)); 0 = none (official)
     traj_links: int = 5                # TrajLSTM links L
     # RPN (first stage)
     rpn_channels: int = 512
@@ -255,7 +256,7 @@ _RULES: dict[str, dict[str, str]] = {
     "model": {
         "image_size": "pos", "clip_frames": "pos", "backbone_channels": "pos", "tiny_width": "pos",
         "cell_bottleneck": "pos", "warp_grid": "pos", "warp_order": "pos",
-        "warp_boundary_points": "nonneg", "traj_links": "pos", "rpn_channels": "pos",
+        "warp_boundary_points": "nonneg", "warp_max_offset": "nonneg", "traj_links": "pos", "rpn_channels": "pos",
         "anchor_base_size": "pos", "anchor_scales": "pos", "anchor_aspect_ratios": "pos",
         "rpn_fg_iou": "iou", "rpn_bg_iou": "prob", "rpn_batch_per_clip": "pos",
         "rpn_positive_fraction": "prob", "rpn_nms_iou": "iou", "max_proposals": "pos",

@@ -277,6 +277,8 @@ class WarpLSTMCell(ConvLSTMCell):
       bilinearly. Units: feature cells, channel 0 = dy, 1 = dx; ``dest = source +
       displacement``. The official code parametrises this 1x1 conv as a depthwise
       1x1 scale times a pointwise 1x1 (the same function class).
+    - ``max_offset`` m > 0 bounds the displacements softly, ``m * tanh(d / m)`` (cells; not in
+      the official code, whose 0 = unbounded is the default).
     - ``offset_init="zero"`` (default) starts the predictor at zero weight and bias, so
       an untrained warp cell computes exactly a ConvLSTM; ``"glorot"`` is the official
       Glorot-uniform init (non-zero initial offsets). Training from zero works because
@@ -310,8 +312,13 @@ class WarpLSTMCell(ConvLSTMCell):
         order: int = 2,
         num_boundary_points: int = 4,
         offset_init: str = "zero",
+        max_offset: float = 0.0,
     ) -> None:
         super().__init__(in_channels, hidden_channels, bottleneck, forget_bias, layer_norm, skip)
+        if isinstance(max_offset, bool) or not isinstance(max_offset, (int, float)) \
+                or not math.isfinite(max_offset) or max_offset < 0:
+            raise ValueError(f"max_offset must be a finite number >= 0, got {max_offset!r}")
+        self.max_offset = float(max_offset)
         self.grid = _check_positive_int("grid", grid)
         self.order = _check_positive_int("order", order)
         self.num_boundary_points = _check_positive_int("num_boundary_points", num_boundary_points, minimum=0)
@@ -349,7 +356,10 @@ class WarpLSTMCell(ConvLSTMCell):
         H, W = x.shape[-2:]
         pts, idx, w = self._control_points(H, W, x)
         feats = torch.cat([_sample_points(x, idx, w), _sample_points(h, idx, w)], dim=1)  # [B, C_in+hid, N]
-        return pts, self.offset(feats.transpose(1, 2))
+        offsets = self.offset(feats.transpose(1, 2))
+        if self.max_offset > 0:   # soft bound m * tanh(d / m): identity near 0, |d| < m
+            offsets = self.max_offset * torch.tanh(offsets / self.max_offset)
+        return pts, offsets
 
     def forward(self, x: Tensor, state: State | None = None, context: dict[str, Any] | None = None,
                 **extra: Any) -> tuple[Tensor, State]:
@@ -386,7 +396,7 @@ class WarpLSTMCell(ConvLSTMCell):
         return (
             super().extra_repr()
             + f", grid={self.grid}, order={self.order}, num_boundary_points={self.num_boundary_points}, "
-            f"offset_init={self.offset_init!r}"
+            f"offset_init={self.offset_init!r}, max_offset={self.max_offset:g}"
         )
 
 
@@ -540,7 +550,7 @@ def build_cell(kind: str, in_channels: int, hidden_channels: int, **options: Any
 def cell_options(model_config: Any, kind: str | None = None) -> dict[str, Any]:
     """The :func:`build_cell` options of ``kind`` (default ``model_config.cell``) taken
     from a :class:`stvr.config.ModelConfig` (cell_bottleneck, warp_grid, warp_order,
-    warp_boundary_points, traj_links)."""
+    warp_boundary_points, warp_max_offset, traj_links)."""
     kind = kind or model_config.cell
     opts: dict[str, Any] = {"bottleneck": model_config.cell_bottleneck}
     if kind == "warp":
@@ -548,6 +558,7 @@ def cell_options(model_config: Any, kind: str | None = None) -> dict[str, Any]:
             grid=model_config.warp_grid,
             order=model_config.warp_order,
             num_boundary_points=model_config.warp_boundary_points,
+            max_offset=model_config.warp_max_offset,
         )
     elif kind == "traj":
         opts.update(links=model_config.traj_links)
