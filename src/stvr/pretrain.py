@@ -42,9 +42,11 @@ log = logging.getLogger(__name__)
 
 __all__ = ["BUILTIN_RECIPE", "ActorClassifier", "pretrain_backbone"]
 
-#: how the shipped weights were made (also stored in their metadata)
+#: how the shipped weights were made (also stored in their metadata, written with generator version 2,
+#: whose actor speeds ``--speed 24 48`` reproduce that data set with version 3)
 BUILTIN_RECIPE = (
-    "stvr data synth --out data/pretrain-synth --seed 1000 --atoms-per-label 1 0 0 --num-train-videos 64 && "
+    "stvr data synth --out data/pretrain-synth --seed 1000 --atoms-per-label 1 0 0 --num-train-videos 64 "
+    "--speed 24 48 && "
     "stvr pretrain --data data/pretrain-synth --out tiny_synthetic.safetensors --steps 2000 --lr 3e-3 "
     "--seed 0 --set model.roi_mapping=pixel"
 )
