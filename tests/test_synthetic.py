@@ -299,3 +299,29 @@ def test_the_annotated_box_of_a_second_frames_the_actor_in_all_three_clips(seed)
                     ious.append(inter / union)
     ious = np.array(ious)
     assert ious.min() >= 0.5 and ious.mean() >= 0.75, (ious.min(), ious.mean())
+
+
+def test_bench_geometry_idealized_detectors(root):
+    # benchmarks/bench_geometry.py: annotated boxes with a (near) perfect matcher score 100 %;
+    # the per-clip tracker's middle clip is the annotated box, its outer clips drift by v / 3
+    import importlib.util
+
+    from stvr.evaluation import frame_map
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_geometry.py"
+    spec = importlib.util.spec_from_file_location("bench_geometry", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    r, _ = root
+    pairs = json.loads((r / "pairs" / "test.json").read_text())
+    scripts = {s.video_id: s for s in SY.plan_dataset(TINY)[0]}
+    dets, _ = bench.idealized_detections(pairs, scripts, "annotated", auc=0.999999, seed=0)
+    assert frame_map(pairs, dets)["mAP"] == pytest.approx(1.0)
+    dets, outer = bench.idealized_detections(pairs, scripts, "tracker", auc=None, seed=0)
+    assert len(outer) > 0 and 0.0 < outer.min() and outer.max() < 1.0
+    for p, per_pair in zip(pairs, dets):
+        for j, rows in enumerate(per_pair):
+            if j % 3 == 1:    # the middle clip is where the box was annotated
+                s = p["reference"]["start"] + j // 3
+                annotated = scripts[p["reference"]["id"]].boxes()[:, s]
+                np.testing.assert_allclose(np.asarray(rows)[:, :4], annotated, atol=1e-9)
