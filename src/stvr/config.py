@@ -30,7 +30,7 @@ class ModelConfig:
     # backbone
     backbone: str = "i3d"              # "i3d" (Mixed_4c, paper) | "tiny" (cpu preset)
     feature_stride: int = 16           # pixels per feature cell: 16 (I3D Mixed_4c), or 8 (tiny backbone only)
-    backbone_channels: int = 1024      # channels of the per-clip map [N, C, S/16, S/16]
+    backbone_channels: int = 1024      # channels of the per-clip map [N, C, S/stride, S/stride]
     tiny_width: int = 32               # base width of the tiny backbone
     i3d_weights: str | None = None     # local state-dict file (pytorch-i3d key names)
     i3d_random_init: bool = False      # train an I3D backbone without i3d_weights on purpose

@@ -10,7 +10,8 @@
 
 Conventions: boxes enter and leave normalized ``[x1, y1, x2, y2]`` in [0, 1];
 inside, proposals, anchors and box codes are in pixels of the S x S input.
-Feature maps have size h = w = S / 16.
+Feature maps have size h = w = S / model.feature_stride (16, as the official I3D Mixed_4c; 8 is
+an option of the tiny backbone).
 
 Details and the places where this differs from the official TensorFlow code:
 

@@ -65,8 +65,6 @@ class STVRModel(nn.Module):
         super().__init__()
         if cfg.image_size % 16:
             raise ValueError(f"model.image_size={cfg.image_size} must be a multiple of 16")
-        if cfg.feature_stride not in (8, 16):
-            raise ValueError(f"model.feature_stride must be 8 or 16, got {cfg.feature_stride!r}")
         if cfg.head not in ("resnet", "binary"):
             raise ValueError(f"model.head must be 'resnet' or 'binary', got {cfg.head!r}")
         self.cfg = cfg
