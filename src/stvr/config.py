@@ -63,6 +63,7 @@ class ModelConfig:
     # attention (Eq. 10)
     attention_dim: int = 128
     match_features: str = "concat"    # head input: "concat" [f_p, fbar_q] (paper) | "similarity" (+ product, |diff|)
+                                       # | "compare" ([f_p, product, |diff|]: no query features of its own)
     # second stage
     head: str = "resnet"               # "resnet" (official block4 + 3-way softmax) | "binary" (paper text)
     head_mid_channels: int = 512       # bottleneck width of the head block
@@ -118,6 +119,7 @@ class TrainConfig:
     grad_clip_norm: float = 10.0
     weight_decay: float = 0.0
     backbone_lr_scale: float = 1.0    # the backbone's learning rate is lr x this (0 freezes it)
+    feature_cache_mb: float = 0.0     # frozen backbone only: keep the maps of the clips seen (MiB; 0 = off)
     log_every: int = 20
     eval_every: int = 5_000
     checkpoint_every: int = 5_000
@@ -180,6 +182,9 @@ def preset(name: str) -> Config:
             data=DataConfig(root="data/synthetic", reference_other_actor=True),
             # sized for `make demo` (<= 10 min on 2 CPU cores, ~0.5 s per step with the frozen backbone)
             train=TrainConfig(
+                # the frozen backbone's maps of the training clips are computed once and kept
+                # (about 16 KB per clip and flip: ~4k clips on the demo's data)
+                feature_cache_mb=1024.0,
                 batch_size=4,
                 lr=0.03,
                 lr_steps=(400,),
@@ -345,8 +350,9 @@ def validate_config(cfg: Config) -> Config:
         raise ValueError(f"model.backbone must be one of {BACKBONES}, got {m.backbone!r}")
     if m.head not in HEADS:
         raise ValueError(f"model.head must be one of {HEADS}, got {m.head!r}")
-    if m.match_features not in ("concat", "similarity"):
-        raise ValueError(f"model.match_features must be 'concat' or 'similarity', got {m.match_features!r}")
+    if m.match_features not in ("concat", "similarity", "compare"):
+        raise ValueError(f"model.match_features must be 'concat', 'similarity' or 'compare', "
+                         f"got {m.match_features!r}")
     if m.roi_mapping not in ("tf", "pixel"):
         raise ValueError(f"model.roi_mapping must be 'tf' or 'pixel', got {m.roi_mapping!r}")
     if m.feature_stride not in (8, 16) or (m.feature_stride != 16 and m.backbone != "tiny"):

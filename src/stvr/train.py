@@ -299,7 +299,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True,
     ``train.checkpoint_every`` steps and at the end ``last.*``.
 
     Returns ``{"step", "loss", "best_val_map", "best_step", "seconds",
-    "clips_per_second", "checkpoint", "skipped_batches", "failed_samples"}``.
+    "clips_per_second", "checkpoint", "skipped_batches", "failed_samples", "feature_cache"}``
+    (``FeatureCache.stats()`` of this process with ``train.feature_cache_mb``, else None).
     """
     check_backbone_weights(cfg)
     tc = cfg.train
@@ -363,6 +364,9 @@ def _build_model(cfg: Config, device: torch.device) -> tuple[nn.Module, torch.op
     np.random.seed(tc.seed)
     random.seed(tc.seed)
     model = STVRModel(cfg.model).to(device)
+    if tc.feature_cache_mb > 0 and not model.enable_feature_cache(tc.feature_cache_mb):
+        log.info("train.feature_cache_mb=%g ignored: the backbone trains (model.freeze_backbone "
+                 "is off or the backbone has no pretrained weights)", tc.feature_cache_mb)
     backbone_ids = {id(p) for p in model.backbone.parameters()}
     groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in backbone_ids],
                "lr_scale": 1.0},
@@ -572,6 +576,11 @@ def _finish(run: _Run) -> dict[str, Any]:
         run.tb.close()
     _barrier(run.dist_info)
     elapsed = time.perf_counter() - run.t0
+    cache = getattr(getattr(run.model, "module", run.model), "feature_cache", None)
+    if cache is not None and main:
+        st = cache.stats()
+        log.info("feature cache: %d maps (%.0f MiB), %.0f%% of %d lookups answered",
+                 st["entries"], st["mb"], 100 * st["hit_rate"], st["hits"] + st["misses"])
     if run.skipped or run.failures:
         log.warning("training: %d sample(s) failed to load, %d step(s) skipped", run.failures, run.skipped)
     return {
@@ -584,6 +593,7 @@ def _finish(run: _Run) -> dict[str, Any]:
         "checkpoint": str(out / f"{CHECKPOINT_LAST}.safetensors"),
         "skipped_batches": run.skipped,
         "failed_samples": int(run.failures),
+        "feature_cache": None if cache is None else cache.stats(),
     }
 
 

@@ -49,6 +49,11 @@ class PairBatch:
             normalized by (the official code pads every training reference to
             ``reference_seconds * 3`` clips and divides by ``B * 6``); ``None``
             means L. Padded clips are never run through the network for it.
+        clip_keys: optional identity of every clip the backbone reads, in its order: the
+            ``Nq`` query clips, then the real reference clips pair by pair in time order;
+            a key is ``(video id, second, clip of the second, flipped)`` (hashable; None
+            for a clip without one). A model with a frozen backbone and a feature cache
+            (:meth:`stvr.model.STVRModel.enable_feature_cache`) reuses the maps of known keys.
         failures: ``(dataset index, error)`` of every sample that failed to load
             on the way to this batch (replaced or dropped; index -1 when unknown).
             It travels with the batch so the main process counts failures that
@@ -67,6 +72,7 @@ class PairBatch:
     flows: Tensor | None = None
     loss_clips: int | None = None
     failures: list[tuple[int, str]] = field(default_factory=list)
+    clip_keys: list | None = None
 
     @property
     def batch_size(self) -> int:
@@ -87,6 +93,7 @@ class PairBatch:
             flows=None if self.flows is None else mv(self.flows),
             loss_clips=self.loss_clips,
             failures=list(self.failures),
+            clip_keys=None if self.clip_keys is None else list(self.clip_keys),
         )
 
     def pin_memory(self) -> "PairBatch":
@@ -104,4 +111,5 @@ class PairBatch:
             flows=None if self.flows is None else pin(self.flows),
             loss_clips=self.loss_clips,
             failures=list(self.failures),
+            clip_keys=None if self.clip_keys is None else list(self.clip_keys),
         )

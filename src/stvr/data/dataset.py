@@ -66,6 +66,9 @@ class PairSample:
             one replaced them (``TrainPairDataset``); :func:`collate_pairs` puts
             them into the batch, so they are counted in the main process even
             when a DataLoader worker loaded the sample.
+        query_keys, reference_keys: ``(video id, second, clip of the second, flipped)``
+            of each query / reference clip (:attr:`stvr.data.batch.PairBatch.clip_keys`),
+            or None.
     """
 
     query_clips: Tensor
@@ -76,6 +79,8 @@ class PairSample:
     pair_id: int
     info: dict = field(default_factory=dict)
     failures: list[tuple[int, str]] = field(default_factory=list)
+    query_keys: list[tuple] | None = None
+    reference_keys: list[tuple] | None = None
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -163,6 +168,10 @@ class _VideoSource:
         """Frames of the given (increasing) seconds, run by run."""
         parts = [self._frames(video_id, a, b) for a, b in _runs(seconds)]
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+    def _clip_keys(self, video_id: str, seconds: Sequence[int], flip: bool) -> list[tuple]:
+        """``(video id, second, clip of the second, flipped)`` of every clip of ``seconds``."""
+        return [(video_id, int(s), k, bool(flip)) for s in seconds for k in range(self.clips_per_second)]
 
     def _clips(self, frames: np.ndarray, flip: bool) -> Tensor:
         if flip:
@@ -291,6 +300,9 @@ class TrainPairDataset(_VideoSource, Dataset):
             pair_id=int(i),
             info={k: spec[k] for k in ("query_video", "query_seconds", "reference_video",
                                        "reference_seconds", "label", "flip_query", "flip_reference")},
+            query_keys=self._clip_keys(spec["query_video"], spec["query_seconds"], spec["flip_query"]),
+            reference_keys=self._clip_keys(spec["reference_video"], spec["reference_seconds"],
+                                           spec["flip_reference"]),
         )
 
     def __getitem__(self, i: int) -> PairSample:
@@ -384,6 +396,8 @@ class EvalPairDataset(_VideoSource, Dataset):
             gt_labels=gt_labels,
             pair_id=int(i),
             info={"query_video": q["id"], "reference_video": r["id"], "label": tuple(q["label"])},
+            query_keys=self._clip_keys(q["id"], q["frames"], False),
+            reference_keys=self._clip_keys(r["id"], range(int(r["start"]), int(r["end"])), False),
         )
 
     def __getitem__(self, i: int) -> PairSample | None:
@@ -438,6 +452,9 @@ def collate_pairs(samples: Sequence[PairSample | None], loss_clips: int | None =
         pad = L - n
         gt_boxes.append(list(s.gt_boxes) + [torch.zeros((0, 4), dtype=torch.float32) for _ in range(pad)])
         gt_labels.append(list(s.gt_labels) + [torch.zeros((0,), dtype=torch.int64) for _ in range(pad)])
+    keyed = all(s.query_keys is not None and s.reference_keys is not None for s in kept)
+    clip_keys = ([k for s in kept for k in s.query_keys] + [k for s in kept for k in s.reference_keys]
+                 if keyed else None)
     return PairBatch(
         query_clips=query_clips,
         query_boxes=query_boxes,
@@ -450,4 +467,5 @@ def collate_pairs(samples: Sequence[PairSample | None], loss_clips: int | None =
         loss_clips=loss_clips,
         failures=[f for s in kept for f in s.failures]
         + [(-1, "the sample could not be loaded")] * (len(samples) - len(kept)),
+        clip_keys=clip_keys,
     )

@@ -15,6 +15,7 @@ from torchvision.models.detection._utils import BoxCoder
 from ..backbones import build_backbone
 from ..config import ModelConfig
 from ..data.batch import PairBatch
+from .feature_cache import FeatureCache, gather_features
 from .ops import pad_boxes
 from .query import crop_features, crop_queries
 from .roi_heads import BoxHead, QueryAttention, box_losses, box_targets, iou_loss, postprocess_detections
@@ -25,6 +26,10 @@ __all__ = ["STVRModel"]
 
 log = logging.getLogger(__name__)
 
+#: channels of the head's input per backbone channel, for each ``model.match_features``
+MATCH_FEATURE_WIDTH = {"concat": 2, "similarity": 4, "compare": 3}
+
+
 def fuse_features(proposal: Tensor, query: Tensor, kind: str = "concat") -> Tensor:
     """The head's input from proposal features and attended query features (both ``[K, C, 7, 7]``).
 
@@ -32,14 +37,17 @@ def fuse_features(proposal: Tensor, query: Tensor, kind: str = "concat") -> Tens
     over the 7 x 7 cells, the product and the absolute difference of the two crops' spatial means
     (``[K, 4C, 7, 7]``): an explicit comparison of "what the proposal does" with "what the query
     does", in the form the pretrained backbone encodes it (linearly decodable from the crop mean).
+    ``"compare"``: the proposal and that comparison only, without the query's own features
+    (``[K, 3C, 7, 7]``): the head cannot name the query's label and check the proposal against
+    it (which does not carry over to labels never trained on), only compare the two.
     """
-    parts = [proposal, query]
-    if kind == "similarity":
+    if kind not in MATCH_FEATURE_WIDTH:
+        raise ValueError(f"unknown model.match_features {kind!r}; choose one of {sorted(MATCH_FEATURE_WIDTH)}")
+    parts = [proposal] if kind == "compare" else [proposal, query]
+    if kind in ("similarity", "compare"):
         mp, mq = proposal.mean((2, 3), keepdim=True), query.mean((2, 3), keepdim=True)
         sim = torch.cat([mp * mq, (mp - mq).abs()], dim=1)
         parts.append(sim.expand(-1, -1, *proposal.shape[-2:]))
-    elif kind != "concat":
-        raise ValueError(f"unknown model.match_features {kind!r}; choose 'concat' or 'similarity'")
     return torch.cat(parts, dim=1)
 
 
@@ -87,12 +95,13 @@ class STVRModel(nn.Module):
         num_anchors = len(cfg.anchor_scales) * len(cfg.anchor_aspect_ratios)
         self.rpn = RPNHead(channels, cfg.rpn_channels, num_anchors)
         self.attention = QueryAttention(channels, cfg.attention_dim)
-        fused = (4 if cfg.match_features == "similarity" else 2) * channels
+        fused = MATCH_FEATURE_WIDTH[cfg.match_features] * channels
         self.head = BoxHead(fused, cfg.head_mid_channels, cfg.head_out_channels,
                             cfg.head_blocks, binary=cfg.head == "binary", iou=cfg.iou_head)
         self.box_coder = BoxCoder(tuple(float(w) for w in cfg.box_coder_weights))
         self.anchor_generator = anchor_generator(cfg)
         self.record_offsets = False
+        self.feature_cache: FeatureCache | None = None
         self.last_offsets: list[Tensor] = []
         self.control_points: Tensor | None = None
 
@@ -119,6 +128,32 @@ class STVRModel(nn.Module):
         if torch.is_grad_enabled() and self.training:
             return self.backbone(clips)
         return torch.cat([self.backbone(c) for c in clips.split(self.backbone_chunk)])
+
+    def enable_feature_cache(self, max_mb: float) -> bool:
+        """Keep the frozen backbone's maps of the clips seen (:mod:`.feature_cache`, up to
+        ``max_mb`` MiB) for batches that name their clips (``PairBatch.clip_keys``).
+        Returns False (and caches nothing) when the backbone is not frozen or ``max_mb <= 0``."""
+        if not self.backbone_frozen or max_mb <= 0:
+            self.feature_cache = None
+            return False
+        self.feature_cache = FeatureCache(int(max_mb * 2**20))
+        return True
+
+    def _batch_features(self, batch: PairBatch, pair_idx: Tensor, time_idx: Tensor) -> Tensor:
+        """Backbone maps ``[Nq + Nr, C, h, w]`` of the query clips, then the real reference
+        clips (pair-major, time order), in one backbone call or from the feature cache."""
+        ref, nq = batch.reference_clips, batch.query_clips.shape[0]
+        keys = batch.clip_keys
+        if self.feature_cache is None or keys is None or not self.backbone_frozen:
+            return self.run_backbone(torch.cat([batch.query_clips, ref[pair_idx, time_idx]]))
+
+        def compute(missing: list[int]) -> Tensor:
+            m = torch.tensor(missing, dtype=torch.long, device=ref.device)
+            q, r = m[m < nq], m[m >= nq] - nq
+            return self.run_backbone(torch.cat([batch.query_clips.index_select(0, q),
+                                                ref[pair_idx[r], time_idx[r]]]))
+
+        return gather_features(self.feature_cache, keys, compute)
 
     def encode_query(self, query_clips: Tensor, query_boxes: Tensor) -> Tensor:
         """Query features ``[Nq, C, 7, 7]`` from clips ``[Nq, 3, T, S, S]`` and normalized boxes ``[Nq, 4]``."""
@@ -204,8 +239,7 @@ class STVRModel(nn.Module):
         nq = batch.query_clips.shape[0]
         # one backbone call over the query clips and the real reference clips
         pair_idx, time_idx = mask.nonzero(as_tuple=True)          # pair-major, time order
-        clips = torch.cat([batch.query_clips, ref[pair_idx, time_idx]])
-        feats = self.run_backbone(clips)
+        feats = self._batch_features(batch, pair_idx, time_idx)
         query_feats = self._crop_queries(feats[:nq], batch.query_boxes)
         grid = feats.new_zeros(b, steps, *feats.shape[1:])
         grid[pair_idx, time_idx] = feats[nq:]
