@@ -214,9 +214,20 @@ def test_caching_and_regeneration(tmp_path):
     (r / "cache" / "stale").write_text("x")
     changed = dataclasses.replace(cfg, seconds=5)
     assert not SY.is_complete(r, changed)
-    third = SY.generate_dataset(r, changed, progress=False, workers=1)
+    # a complete set of other settings is somebody's data: refused, nothing touched, the
+    # differing settings named
+    with pytest.raises(ValueError, match=r"other settings: seconds 4 \(asked: 5\)"):
+        SY.generate_dataset(r, changed, progress=False, workers=1)
+    assert SY.is_complete(r, cfg) and (r / "cache" / "stale").is_file()
+    assert (r / "videos" / "synth_train_000.mp4").stat().st_mtime_ns == stamp
+    third = SY.generate_dataset(r, changed, progress=False, workers=1, force=True)
     assert third["generated"] and third["seconds"]["train"] == 5
     assert not (r / "cache").exists()  # the clip cache of the old videos is gone
+    # the same settings by an older generator version: regenerated
+    d = json.loads((r / "dataset.json").read_text())
+    d["synthetic"]["version"] = SY.GENERATOR_VERSION - 1
+    (r / "dataset.json").write_text(json.dumps(d))
+    assert SY.generate_dataset(r, changed, progress=False, workers=1)["generated"]
     # an incomplete root (interrupted run) is regenerated
     (r / "pairs" / "test.json").unlink()
     assert not SY.is_complete(r, changed)

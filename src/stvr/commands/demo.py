@@ -1,7 +1,8 @@
 """``stvr demo``: the end-to-end run of ``make demo`` on the embedded synthetic benchmark.
 
 1. generate the synthetic data set (cached: an existing root of the same
-   generator config is reused);
+   generator config is reused; a root holding a set of other settings, e.g.
+   another seed, is never overwritten: pass its settings with ``--synth``);
 2. train the warp-LSTM matching network with the ``cpu`` preset (resumable: a
    finished run of the same config is reused);
 3. predict the test pairs with the trained model and with the untrained model

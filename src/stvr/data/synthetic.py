@@ -666,6 +666,22 @@ def is_complete(root: str | Path, cfg: SynthConfig) -> bool:
     return all((root / p).is_file() and (root / p).stat().st_size > 0 for p in videos.values())
 
 
+def _refuse_other_config(root: Path, old: dict, cfg: SynthConfig) -> None:
+    """``ValueError`` when ``root`` holds a complete synthetic set whose config differs from ``cfg``."""
+    old_cfg = old.get("config")
+    if not old.get("complete") or not isinstance(old_cfg, dict):
+        return
+    new_cfg = cfg.to_json()
+    diff = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
+    if not diff:
+        return
+    what = ", ".join(f"{k} {json.dumps(old_cfg.get(k))} (asked: {json.dumps(new_cfg.get(k))})" for k in diff)
+    raise ValueError(
+        f"{root} holds a complete synthetic data set of other settings: {what}. Refusing to "
+        f"overwrite it: use those settings to reuse it (e.g. `stvr demo --synth seed=...`), "
+        f"another folder, or force=True / `stvr data synth --force` to regenerate it")
+
+
 def _write_json(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -715,8 +731,11 @@ def generate_dataset(root: str | Path, cfg: SynthConfig | None = None, progress:
 
     When ``root`` already holds a complete data set of the same config and
     generator version, nothing is regenerated (``force=True`` regenerates).
-    A root whose ``dataset.json`` is not a synthetic data set is never
-    overwritten (``ValueError``) unless ``force=True``. On regeneration, old
+    Without ``force`` a root is never overwritten (``ValueError``, naming the
+    differing settings) when its ``dataset.json`` is not a synthetic data set or
+    when it holds a complete synthetic set of *another* config (another seed, say):
+    somebody made it on purpose. A complete set of the same config by an older
+    generator version, or an unfinished one, is regenerated. On regeneration, old
     ``videos/synth_*.mp4`` files and the default clip cache ``<root>/cache`` are
     removed, since the videos change.
 
@@ -755,6 +774,7 @@ def generate_dataset(root: str | Path, cfg: SynthConfig | None = None, progress:
         if not (isinstance(old, dict) and isinstance(old.get("synthetic"), dict)):
             raise ValueError(f"{ds_path} exists and is not a synthetic data set; refusing to overwrite "
                              f"it (use force=True / --force, or another root)")
+        _refuse_other_config(root, old["synthetic"], cfg)
     # invalidate whatever was there before writing anything
     ds_path.unlink(missing_ok=True)
     if (root / "videos").is_dir():
