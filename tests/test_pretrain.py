@@ -248,3 +248,25 @@ def test_similarity_features_compare_the_crop_means():
     cfg = dataclasses.replace(preset("cpu").model, match_features="similarity", backbone_weights=None)
     model = STVRModel(cfg)
     assert model.head.blocks[0].conv1.in_channels == 4 * cfg.backbone_channels
+
+
+def test_compare_features_leave_out_the_query_itself():
+    from stvr.model.network import fuse_features
+
+    g = torch.Generator().manual_seed(1)
+    p, q = torch.randn(2, 4, 7, 7, generator=g), torch.randn(2, 4, 7, 7, generator=g)
+    f = fuse_features(p, q, "compare")
+    assert f.shape == (2, 12, 7, 7)
+    torch.testing.assert_close(f[:, :4], p)
+    torch.testing.assert_close(f[:, 4:], fuse_features(p, q, "similarity")[:, 8:])
+    # the query reaches the head only through the comparison: a query with the same crop
+    # mean but other cells gives the same input
+    q2 = q - q.mean((2, 3), keepdim=True) + q.mean((2, 3), keepdim=True) + torch.randn(2, 4, 7, 7, generator=g)
+    q2 = q2 - q2.mean((2, 3), keepdim=True) + q.mean((2, 3), keepdim=True)
+    torch.testing.assert_close(fuse_features(p, q2, "compare"), f)
+    assert not torch.allclose(fuse_features(p, q2, "similarity"), fuse_features(p, q, "similarity"))
+    cfg = dataclasses.replace(preset("cpu").model, match_features="compare", backbone_weights=None)
+    assert STVRModel(cfg).head.blocks[0].conv1.in_channels == 3 * cfg.backbone_channels
+    with pytest.raises(ValueError, match="compare"):
+        from stvr.config import validate_config
+        validate_config(apply_overrides(preset("cpu"), ["model.match_features=cosine"]))
