@@ -270,3 +270,79 @@ def test_compare_features_leave_out_the_query_itself():
     with pytest.raises(ValueError, match="compare"):
         from stvr.config import validate_config
         validate_config(apply_overrides(preset("cpu"), ["model.match_features=cosine"]))
+
+
+def test_match_source_backbone_compares_the_clips_own_features(monkeypatch):
+    """``model.match_source="backbone"``: the comparison reads the proposal's crop of the backbone
+    maps (before the recurrent cell), not of the propagated maps."""
+    from test_model import make_batch, small_cfg
+
+    from stvr.model import network
+
+    g = torch.Generator().manual_seed(2)
+    p, q, own = (torch.randn(2, 4, 7, 7, generator=g) for _ in range(3))
+    f = network.fuse_features(p, q, "similarity", own.mean((2, 3), keepdim=True))
+    torch.testing.assert_close(f[:, :8], torch.cat([p, q], 1))
+    torch.testing.assert_close(f[:, 8:12, 2, 2], own.mean((2, 3)) * q.mean((2, 3)))
+
+    seen = {}
+    real_fuse = network.fuse_features
+
+    def spy(proposal, query, kind="concat", proposal_mean=None):
+        seen[kind] = (proposal.detach().mean((2, 3)), None if proposal_mean is None else proposal_mean.detach())
+        return real_fuse(proposal, query, kind, proposal_mean)
+
+    monkeypatch.setattr(network, "fuse_features", spy)
+    batch = make_batch()
+    for source in ("propagated", "backbone"):
+        torch.manual_seed(0)
+        model = STVRModel(small_cfg(cell="conv", match_features="similarity", match_source=source)).eval()
+        with torch.no_grad():
+            model(batch)
+        prop_mean, own_mean = seen["similarity"]
+        if source == "propagated":
+            assert own_mean is None
+        else:
+            assert own_mean.shape == (prop_mean.shape[0], prop_mean.shape[1], 1, 1)
+            # a conv LSTM's output is not its input: the two crop means differ
+            assert (own_mean.flatten(1) - prop_mean).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="match_source"):
+        from stvr.config import validate_config
+        validate_config(apply_overrides(preset("cpu"), ["model.match_source=cell"]))
+
+
+def test_match_cosine_adds_a_learned_scale_times_the_cosine_to_the_match_logit():
+    from test_model import make_batch, small_cfg
+
+    from stvr.model.query import crop_features
+
+    batch = make_batch()
+    torch.manual_seed(0)
+    with_cos = STVRModel(small_cfg(cell="conv", match_cosine=True)).train()
+    plain = STVRModel(small_cfg(cell="conv", match_cosine=False))
+    assert plain.head.match_log_scale is None
+    plain.load_state_dict({k: v for k, v in with_cos.state_dict().items() if k != "head.match_log_scale"})
+    plain.train()
+    torch.testing.assert_close(with_cos.head.match_log_scale.exp(), torch.tensor(10.0))
+    # the same proposals through both heads
+    feats = torch.randn(3, 16, 4, 4)
+    maps = torch.randn(3, 16, 4, 4)
+    boxes = torch.tensor([[4.0, 4.0, 40.0, 40.0], [10.0, 0.0, 60.0, 50.0], [0.0, 0.0, 64.0, 64.0]])
+    clip_index, clip_pair = torch.tensor([0, 1, 2]), torch.tensor([0, 0, 1])
+    qf, qi = torch.randn(3, 16, 7, 7), torch.tensor([0, 0, 1])
+    torch.manual_seed(1)
+    a = with_cos._second_stage(maps, boxes, clip_index, clip_pair, qf, qi, feats)[0]
+    torch.manual_seed(1)
+    b = plain._second_stage(maps, boxes, clip_index, clip_pair, qf, qi, feats)[0]
+    torch.testing.assert_close(a[:, :-1], b[:, :-1])
+    # by hand: cosine between the backbone crop mean of the proposal and the attended query's mean
+    own = crop_features(feats, boxes / with_cos.image_size, clip_index, 14, mapping="pixel",
+                        image_size=with_cos.image_size).mean((2, 3))
+    crops = crop_features(maps, boxes / with_cos.image_size, clip_index, 14, mapping="pixel",
+                          image_size=with_cos.image_size)
+    attended = with_cos.attention(crops, clip_pair[clip_index], qf, qi).mean((2, 3))
+    cos = torch.nn.functional.cosine_similarity(own, attended, dim=1)
+    torch.testing.assert_close(a[:, -1] - b[:, -1], 10.0 * cos)
+    # the scale learns
+    with_cos(batch)["loss"].backward()
+    assert with_cos.head.match_log_scale.grad is not None and with_cos.head.match_log_scale.grad.abs() > 0

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 MATCH_FEATURE_WIDTH = {"concat": 2, "similarity": 4, "compare": 3}
 
 
-def fuse_features(proposal: Tensor, query: Tensor, kind: str = "concat") -> Tensor:
+def fuse_features(proposal: Tensor, query: Tensor, kind: str = "concat",
+                  proposal_mean: Tensor | None = None) -> Tensor:
     """The head's input from proposal features and attended query features (both ``[K, C, 7, 7]``).
 
     ``"concat"`` (the paper, Figure 5): ``[K, 2C, 7, 7]``. ``"similarity"``: the same plus, broadcast
@@ -40,12 +41,15 @@ def fuse_features(proposal: Tensor, query: Tensor, kind: str = "concat") -> Tens
     ``"compare"``: the proposal and that comparison only, without the query's own features
     (``[K, 3C, 7, 7]``): the head cannot name the query's label and check the proposal against
     it (which does not carry over to labels never trained on), only compare the two.
+    ``proposal_mean`` ``[K, C, 1, 1]``: the proposal's crop mean to compare instead of
+    ``proposal``'s (``model.match_source="backbone"``: the clip's own backbone features).
     """
     if kind not in MATCH_FEATURE_WIDTH:
         raise ValueError(f"unknown model.match_features {kind!r}; choose one of {sorted(MATCH_FEATURE_WIDTH)}")
     parts = [proposal] if kind == "compare" else [proposal, query]
     if kind in ("similarity", "compare"):
-        mp, mq = proposal.mean((2, 3), keepdim=True), query.mean((2, 3), keepdim=True)
+        mp = proposal.mean((2, 3), keepdim=True) if proposal_mean is None else proposal_mean
+        mq = query.mean((2, 3), keepdim=True)
         sim = torch.cat([mp * mq, (mp - mq).abs()], dim=1)
         parts.append(sim.expand(-1, -1, *proposal.shape[-2:]))
     return torch.cat(parts, dim=1)
@@ -97,7 +101,8 @@ class STVRModel(nn.Module):
         self.attention = QueryAttention(channels, cfg.attention_dim)
         fused = MATCH_FEATURE_WIDTH[cfg.match_features] * channels
         self.head = BoxHead(fused, cfg.head_mid_channels, cfg.head_out_channels,
-                            cfg.head_blocks, binary=cfg.head == "binary", iou=cfg.iou_head)
+                            cfg.head_blocks, binary=cfg.head == "binary", iou=cfg.iou_head,
+                            cosine=cfg.match_cosine)
         self.box_coder = BoxCoder(tuple(float(w) for w in cfg.box_coder_weights))
         self.anchor_generator = anchor_generator(cfg)
         self.record_offsets = False
@@ -210,16 +215,30 @@ class STVRModel(nn.Module):
         return obj, deltas, anchors, proposals, valid
 
     def _second_stage(self, maps: Tensor, boxes: Tensor, clip_index: Tensor, clip_pair: Tensor,
-                      query_feats: Tensor, query_index: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+                      query_feats: Tensor, query_index: Tensor,
+                      backbone_maps: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """Head on proposals ``boxes [K, 4]`` (pixels) of clips ``clip_index [K]`` of ``maps``.
 
-        ``clip_pair [N]`` is the pair of each map. Returns logits, box codes and the
-        localization-quality logits ``[K]`` (None without ``model.iou_head``).
+        ``clip_pair [N]`` is the pair of each map; ``backbone_maps [N, C, h, w]`` are the
+        backbone's maps of the same clips before the recurrent cell (read with
+        ``model.match_source="backbone"`` or ``model.match_cosine``). Returns logits, box codes
+        and the localization-quality logits ``[K]`` (None without ``model.iou_head``).
         """
-        feats = crop_features(maps, boxes / self.image_size, clip_index, self.cfg.roi_crop_size,
-                              mapping=self.cfg.roi_mapping, image_size=self.image_size)
+        cfg = self.cfg
+        feats = crop_features(maps, boxes / self.image_size, clip_index, cfg.roi_crop_size,
+                              mapping=cfg.roi_mapping, image_size=self.image_size)
         attended = self.attention(feats, clip_pair[clip_index], query_feats, query_index)
-        return self.head.forward_with_iou(fuse_features(feats, attended, self.cfg.match_features))
+        own_mean = None
+        if cfg.match_source == "backbone" or cfg.match_cosine:
+            own_mean = crop_features(backbone_maps, boxes / self.image_size, clip_index, cfg.roi_crop_size,
+                                     mapping=cfg.roi_mapping, image_size=self.image_size).mean((2, 3), keepdim=True)
+        fused = fuse_features(feats, attended, cfg.match_features,
+                              own_mean if cfg.match_source == "backbone" else None)
+        logits, codes, iou = self.head.forward_with_iou(fused)
+        if cfg.match_cosine:
+            cos = torch.cosine_similarity(own_mean.flatten(1), attended.mean((2, 3)), dim=1, eps=1e-6)
+            logits = self.head.add_match_cosine(logits, cos)
+        return logits, codes, iou
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: PairBatch) -> dict[str, Tensor] | list[list[Tensor]]:
@@ -249,9 +268,10 @@ class STVRModel(nn.Module):
             self.last_offsets = []
         maps, _ = self.propagate(grid, None, flows)
         maps = maps[pair_idx, time_idx]                           # [N, C, h, w] real clips
+        backbone_maps = feats[nq:]                                # the same clips before the cell
         query_index = batch.query_index.to(device=maps.device, dtype=torch.long)
         if not self.training:
-            dets = self._detect(maps, pair_idx, query_feats, query_index)
+            dets = self._detect(maps, pair_idx, query_feats, query_index, backbone_maps)
             counts = lengths.tolist()
             out, start = [], 0
             for c in counts:
@@ -260,12 +280,15 @@ class STVRModel(nn.Module):
             return out
         gt_boxes = [batch.gt_boxes[int(i)][int(t)] for i, t in zip(pair_idx.tolist(), time_idx.tolist())]
         gt_labels = [batch.gt_labels[int(i)][int(t)] for i, t in zip(pair_idx.tolist(), time_idx.tolist())]
-        return self._losses(maps, pair_idx, query_feats, query_index, gt_boxes, gt_labels, total_clips=b * max(length, batch.loss_clips or 0))
+        return self._losses(maps, pair_idx, query_feats, query_index, gt_boxes, gt_labels,
+                            total_clips=b * max(length, batch.loss_clips or 0), backbone_maps=backbone_maps)
 
     def _losses(self, maps: Tensor, clip_pair: Tensor, query_feats: Tensor, query_index: Tensor,
-                gt_boxes: list[Tensor], gt_labels: list[Tensor], total_clips: int) -> dict[str, Tensor]:
-        """The loss dict of the real clips' ``maps [N, C, h, w]`` (pair ``clip_pair [N]``) with
-        their ground truth: the RPN's (:mod:`.rpn`) and the matching head's (:mod:`.roi_heads`)."""
+                gt_boxes: list[Tensor], gt_labels: list[Tensor], total_clips: int,
+                backbone_maps: Tensor) -> dict[str, Tensor]:
+        """The loss dict of the real clips' ``maps [N, C, h, w]`` (pair ``clip_pair [N]``; their
+        maps before the cell ``backbone_maps``) with their ground truth: the RPN's (:mod:`.rpn`)
+        and the matching head's (:mod:`.roi_heads`)."""
         cfg = self.cfg
         gtb, gtl, gtv = pad_boxes(gt_boxes, gt_labels, maps.device)
         gtb = gtb * self.image_size
@@ -274,7 +297,7 @@ class STVRModel(nn.Module):
         rpn_obj, rpn_box = rpn_losses(obj, deltas, rpn_t)
         box_t = box_targets(proposals, pvalid, gtb, gtl, gtv, self.box_coder, cfg, total_clips, maps.dtype)
         logits, codes, iou_logits = self._second_stage(maps, box_t.boxes, box_t.clip_index, clip_pair,
-                                                       query_feats, query_index)
+                                                       query_feats, query_index, backbone_maps)
         box_cls, box_reg = box_losses(logits, codes, box_t, self.head.binary)
         total = (cfg.rpn_obj_weight * rpn_obj + cfg.rpn_loc_weight * rpn_box
                  + cfg.box_cls_weight * box_cls + cfg.box_loc_weight * box_reg)
@@ -286,13 +309,15 @@ class STVRModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def _detect(self, maps: Tensor, clip_pair: Tensor, query_feats: Tensor, query_index: Tensor) -> list[Tensor]:
-        """Detections ``[K, 5]`` (normalized xyxy + query-match score) for each map of ``maps [N, C, h, w]``."""
+    def _detect(self, maps: Tensor, clip_pair: Tensor, query_feats: Tensor, query_index: Tensor,
+                backbone_maps: Tensor) -> list[Tensor]:
+        """Detections ``[K, 5]`` (normalized xyxy + query-match score) for each map of ``maps [N, C, h, w]``
+        (``backbone_maps``: the same clips before the recurrent cell)."""
         _, _, _, proposals, pvalid = self._proposals(maps)
         clip_index, slot = pvalid.nonzero(as_tuple=True)
         boxes = proposals[clip_index, slot]
         logits, codes, iou_logits = self._second_stage(maps, boxes, clip_index, clip_pair, query_feats,
-                                                       query_index)
+                                                       query_index, backbone_maps)
         return postprocess_detections(logits, codes, boxes, clip_index, maps.shape[0], self.head.binary,
                                       self.box_coder, self.cfg, self.image_size, iou_logits)
 
@@ -320,7 +345,7 @@ class STVRModel(nn.Module):
         maps = maps[0]
         pairs = torch.zeros(maps.shape[0], dtype=torch.long, device=maps.device)
         qidx = torch.zeros(query_features.shape[0], dtype=torch.long, device=maps.device)
-        dets = self._detect(maps, pairs, query_features, qidx)
+        dets = self._detect(maps, pairs, query_features, qidx, feats[0])
         return dets, {"cell": cell_state, "previous_clip": reference_clips[-1]}
 
     def stage_modules(self) -> dict[str, nn.Module | None]:

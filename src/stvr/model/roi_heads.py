@@ -116,12 +116,14 @@ class BoxHead(nn.Module):
     ``num_blocks`` bottlenecks, spatial mean, then FC class logits and FC box codes:
     ``resnet`` head: 3 logits (bg / other person / query match) and ``[K, 2, 4]``
     class-specific codes; ``binary`` head: 1 logit and ``[K, 1, 4]`` codes. With ``iou=True``
-    also a localization-quality logit ``[K]`` (:meth:`forward_with_iou`).
+    also a localization-quality logit ``[K]`` (:meth:`forward_with_iou`). With ``cosine=True`` a
+    learned scale ``s = exp(match_log_scale)`` (starting at 10) for :meth:`add_match_cosine`.
     """
 
     def __init__(self, in_channels: int, mid: int, out: int, num_blocks: int, binary: bool = False,
-                 iou: bool = False) -> None:
+                 iou: bool = False, cosine: bool = False) -> None:
         super().__init__()
+        self.match_log_scale = nn.Parameter(torch.tensor(math.log(10.0))) if cosine else None
         blocks = []
         for i in range(num_blocks):
             blocks.append(Bottleneck(in_channels if i == 0 else out, mid, out))
@@ -146,6 +148,11 @@ class BoxHead(nn.Module):
         v = self.blocks(x).mean((2, 3))
         iou = self.iou_pred(v).squeeze(1) if self.iou_pred is not None else None
         return self.cls_score(v), self.bbox_pred(v).view(-1, self.num_box_classes, 4), iou
+
+    def add_match_cosine(self, logits: Tensor, cosine: Tensor) -> Tensor:
+        """``logits [K, n]`` with ``s * cosine [K]`` added to the last (query-match) logit."""
+        match = logits[:, -1:] + (self.match_log_scale.exp() * cosine)[:, None]
+        return torch.cat([logits[:, :-1], match], dim=1)
 
 
 class BoxTargets(NamedTuple):
