@@ -8,22 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import make_synth_root, tiny_synth_config
 from stvr.config import DataConfig, apply_overrides, preset
-from stvr.data import synthetic as SY
 from stvr.data.dataset import EvalPairDataset, TrainPairDataset, collate_pairs
 from stvr.model import STVRModel
 from stvr.model.feature_cache import FeatureCache, gather_features
 
-TINY = SY.SynthConfig(seed=6, num_train_videos=2, num_val_videos=2, seconds=4, size=64, speed=(8.0, 16.0),
-                      segment_seconds=(2, 2), num_val_labels=2, num_test_labels=2, heldout_probability=0.8,
-                      occlusion_probability=0.0)
+TINY = tiny_synth_config(6)
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    r = tmp_path_factory.mktemp("fc") / "root"
-    SY.generate_dataset(r, TINY, progress=False, workers=1)
-    return r
+    return make_synth_root(tmp_path_factory, "fc", TINY)
 
 
 def _map(v: float) -> torch.Tensor:

@@ -12,21 +12,18 @@ import pytest
 import torch
 
 from stvr.backbones import BUILTIN_TINY_WEIGHTS, TinyBackbone, load_tiny_weights
+from conftest import make_synth_root, tiny_synth_config
 from stvr.config import DataConfig, apply_overrides, preset
 from stvr.data import synthetic as SY
 from stvr.data.actors import ActorClipDataset, actor_index
 from stvr.model import STVRModel, crop_features
 
-TINY = SY.SynthConfig(seed=5, num_train_videos=2, num_val_videos=2, seconds=4, size=64, speed=(12.0, 24.0),
-                      segment_seconds=(2, 2), num_val_labels=2, num_test_labels=2, heldout_probability=0.8,
-                      occlusion_probability=0.0)
+TINY = tiny_synth_config(5, speed=(12.0, 24.0))
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    r = tmp_path_factory.mktemp("pre") / "root"
-    SY.generate_dataset(r, TINY, progress=False, workers=1)
-    return r
+    return make_synth_root(tmp_path_factory, "pre", TINY)
 
 
 # ----------------------------------------------------------------------------- actor clips

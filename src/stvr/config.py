@@ -188,7 +188,7 @@ def preset(name: str) -> Config:
             ),
             # references from another actor of the same label (no same-actor appearance shortcut)
             data=DataConfig(root="data/synthetic", reference_other_actor=True),
-            # sized for `make demo` (<= 10 min on 2 CPU cores, ~0.5 s per step with the frozen backbone)
+            # sized for `make demo` (<= 10 min on 2 CPU cores: ~0.35 s per step with the frozen, cached backbone)
             train=TrainConfig(
                 # the frozen backbone's maps of the training clips are computed once and kept
                 # (about 16 KB per clip and flip: ~4k clips on the demo's data)
