@@ -577,8 +577,8 @@ def _finish(run: _Run) -> dict[str, Any]:
     _barrier(run.dist_info)
     elapsed = time.perf_counter() - run.t0
     cache = getattr(getattr(run.model, "module", run.model), "feature_cache", None)
-    if cache is not None and main:
-        st = cache.stats()
+    st = None if cache is None else cache.stats()
+    if st is not None and main:
         log.info("feature cache: %d maps (%.0f MiB), %.0f%% of %d lookups answered",
                  st["entries"], st["mb"], 100 * st["hit_rate"], st["hits"] + st["misses"])
     if run.skipped or run.failures:
@@ -593,7 +593,7 @@ def _finish(run: _Run) -> dict[str, Any]:
         "checkpoint": str(out / f"{CHECKPOINT_LAST}.safetensors"),
         "skipped_batches": run.skipped,
         "failed_samples": int(run.failures),
-        "feature_cache": None if cache is None else cache.stats(),
+        "feature_cache": st,
     }
 
 

@@ -7,8 +7,8 @@ benchmark draws the same few thousand training clips again and again (each pair:
 a query tubelet of up to 10 s and a 2 s reference, 3 clips per second), and on
 2 CPU cores the backbone is about half of a step: :class:`FeatureCache` keeps the
 maps of the clips seen so far (least recently used first out, within a byte
-budget) and :meth:`stvr.model.STVRModel.run_backbone` runs the backbone only on
-the clips it does not hold. Enabled by ``train.feature_cache_mb`` (cpu preset);
+budget) and the model (``STVRModel._batch_features``, through :func:`gather_features`)
+runs the backbone only on the clips it does not hold. Enabled by ``train.feature_cache_mb`` (cpu preset);
 never used for a backbone that trains.
 
 Keys come with the batch (:attr:`stvr.data.batch.PairBatch.clip_keys`, built by the

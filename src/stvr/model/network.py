@@ -149,7 +149,7 @@ class STVRModel(nn.Module):
         clips (pair-major, time order), in one backbone call or from the feature cache."""
         ref, nq = batch.reference_clips, batch.query_clips.shape[0]
         keys = batch.clip_keys
-        if self.feature_cache is None or keys is None or not self.backbone_frozen:
+        if self.feature_cache is None or keys is None:     # (a cache exists only for a frozen backbone)
             return self.run_backbone(torch.cat([batch.query_clips, ref[pair_idx, time_idx]]))
 
         def compute(missing: list[int]) -> Tensor:
@@ -225,13 +225,16 @@ class STVRModel(nn.Module):
         and the localization-quality logits ``[K]`` (None without ``model.iou_head``).
         """
         cfg = self.cfg
-        feats = crop_features(maps, boxes / self.image_size, clip_index, cfg.roi_crop_size,
-                              mapping=cfg.roi_mapping, image_size=self.image_size)
+
+        def crop(features: Tensor) -> Tensor:
+            return crop_features(features, boxes / self.image_size, clip_index, cfg.roi_crop_size,
+                                 mapping=cfg.roi_mapping, image_size=self.image_size)
+
+        feats = crop(maps)
         attended = self.attention(feats, clip_pair[clip_index], query_feats, query_index)
         own_mean = None
         if cfg.match_source == "backbone" or cfg.match_cosine:
-            own_mean = crop_features(backbone_maps, boxes / self.image_size, clip_index, cfg.roi_crop_size,
-                                     mapping=cfg.roi_mapping, image_size=self.image_size).mean((2, 3), keepdim=True)
+            own_mean = crop(backbone_maps).mean((2, 3), keepdim=True)
         fused = fuse_features(feats, attended, cfg.match_features,
                               own_mean if cfg.match_source == "backbone" else None)
         logits, codes, iou = self.head.forward_with_iou(fused)
