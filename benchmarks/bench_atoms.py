@@ -114,6 +114,16 @@ def train_probe(train_x, train_y, val_x, val_y, frames: str, seconds: float, see
     return val_auc, train_auc, steps
 
 
+def _nanmean(x) -> float:
+    x = np.asarray(x, dtype=float)
+    return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
+
+
+def _nanmin(x) -> float:
+    x = np.asarray(x, dtype=float)
+    return float(np.nanmin(x)) if np.isfinite(x).any() else float("nan")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", default=None, help="dataset root (default: generate data/probe-seed<SEED>)")
@@ -121,6 +131,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=2.0, help="training wall time of each probe")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tag", default="", help="suffix of the results file")
+    ap.add_argument("--probes", nargs="+", choices=("clip", "single"), default=["clip", "single"],
+                    help="which probes to train (default both)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.root is None:
@@ -138,16 +150,19 @@ def main() -> None:
     vx, vy, _ = crops(root, "val", size, ids)
     prep = time.perf_counter() - t0
     rows = {}
-    for frames in ("clip", "single"):
+    for frames in args.probes:
         val_auc, train_auc, steps = train_probe(tx, ty, vx, vy, frames, args.minutes * 60, args.seed)
         rows[frames] = {"val_auc": val_auc, "train_auc": train_auc, "steps": steps}
+    nan = [float("nan")] * len(ids)
+    for frames in ("clip", "single"):
+        rows.setdefault(frames, {"val_auc": nan, "train_auc": nan, "steps": 0})
     result = {
         "root": str(root), "generator": info.get("synthetic", {}).get("version"),
         "seed": args.seed, "minutes": args.minutes, "train_clips": len(tx), "val_clips": len(vx),
         "prep_s": round(prep, 1), "atoms": [names.get(str(a), str(a)) for a in ids], **rows,
-        "clip_mean_auc": float(np.nanmean(rows["clip"]["val_auc"])),
-        "clip_min_auc": float(np.nanmin(rows["clip"]["val_auc"])),
-        "single_mean_auc": float(np.nanmean(rows["single"]["val_auc"])),
+        "clip_mean_auc": _nanmean(rows["clip"]["val_auc"]),
+        "clip_min_auc": _nanmin(rows["clip"]["val_auc"]),
+        "single_mean_auc": _nanmean(rows["single"]["val_auc"]),
     }
     print(f"root {root}: {len(tx)} training / {len(vx)} validation actor clips, "
           f"{args.minutes:g} min per probe ({rows['clip']['steps']} / {rows['single']['steps']} steps)\n")
@@ -157,7 +172,7 @@ def main() -> None:
         print(f"| {name} | {rows['clip']['val_auc'][k]:.3f} | {rows['clip']['train_auc'][k]:.3f} "
               f"| {rows['single']['val_auc'][k]:.3f} |")
     print(f"| **mean** | **{result['clip_mean_auc']:.3f}** | "
-          f"{np.nanmean(rows['clip']['train_auc']):.3f} | {result['single_mean_auc']:.3f} |")
+          f"{_nanmean(rows['clip']['train_auc']):.3f} | {result['single_mean_auc']:.3f} |")
     out = Path(__file__).parent / "results" / f"bench_atoms{'-' + args.tag if args.tag else ''}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -337,15 +338,16 @@ def test_iou_head_learns_the_localization_quality():
     model = build(cell="none", iou_head=True).train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     batch = make_batch()
-    first = None
-    for _ in range(30):
+    losses = []
+    for _ in range(60):
         torch.manual_seed(1)        # the same sampled proposals every step
         loss = model(batch)["box_iou"]
-        first = float(loss) if first is None else first
+        losses.append(float(loss.detach()))
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(loss) < 0.8 * first
+    # the loss oscillates from step to step (and with the thread count): compare the last ten steps
+    assert np.mean(losses[-10:]) < 0.8 * losses[0]
 
 
 @pytest.mark.parametrize("cell", ["none", "warp"])

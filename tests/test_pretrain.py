@@ -17,6 +17,7 @@ from stvr.config import DataConfig, apply_overrides, preset
 from stvr.data import synthetic as SY
 from stvr.data.actors import ActorClipDataset, actor_index
 from stvr.model import STVRModel, crop_features
+from stvr.pretrain import BUILTIN_RECIPE
 
 TINY = tiny_synth_config(5, speed=(12.0, 24.0))
 
@@ -134,6 +135,9 @@ def test_shipped_weights_are_the_cpu_presets_default():
     summary = json.loads(meta["summary"])
     assert summary["val_auc_mean"] > 0.8          # it names the atoms of held-out validation actors
     assert json.loads(meta["model"])["roi_mapping"] == cfg.roi_mapping
+    # made on the data the generator makes today (a generator bump calls for new weights)
+    assert meta["generator_version"] == str(SY.GENERATOR_VERSION)
+    assert meta["recipe"] in BUILTIN_RECIPE
     # a random backbone stays available
     assert STVRModel(dataclasses.replace(cfg, backbone_weights=None)).backbone is not None
 

@@ -42,12 +42,11 @@ log = logging.getLogger(__name__)
 
 __all__ = ["BUILTIN_RECIPE", "ActorClassifier", "pretrain_backbone"]
 
-#: how the shipped weights were made (also stored in their metadata, written with generator version 2,
-#: whose actor speeds ``--speed 24 48`` reproduce that data set with version 3)
+#: how the shipped weights were made (also stored in their metadata; generator version 4; the file
+#: written was then copied to ``src/stvr/backbones/weights/tiny_synthetic.safetensors``)
 BUILTIN_RECIPE = (
-    "stvr data synth --out data/pretrain-synth --seed 1000 --atoms-per-label 1 0 0 --num-train-videos 64 "
-    "--speed 24 48 && "
-    "stvr pretrain --data data/pretrain-synth --out tiny_synthetic.safetensors --steps 2000 --lr 3e-3 "
+    "stvr data synth --out data/pretrain-synth-v4 --seed 1000 --atoms-per-label 1 0 0 --num-train-videos 64 && "
+    "stvr pretrain --data data/pretrain-synth-v4 --out runs/tiny_v4.safetensors --steps 2000 --lr 3e-3 "
     "--seed 0 --set model.roi_mapping=pixel"
 )
 
@@ -182,6 +181,7 @@ def pretrain_backbone(root: str | Path, cfg: ModelConfig, out: str | Path, *, st
         "model": json.dumps(config_to_dict(Config(model=cfg))["model"]),
         "data": str(info.get("name", root.name)),
         "synthetic": json.dumps(info.get("synthetic", {}).get("config")) if info.get("synthetic") else "",
+        "generator_version": str(info.get("synthetic", {}).get("version", "")) if info.get("synthetic") else "",
         "summary": json.dumps(summary),
         "recipe": recipe or "",
         "seed": str(seed),

@@ -1,21 +1,23 @@
 """A synthetic STVR benchmark: the embedded default data set (DESIGN.md).
 
 Each video shows 2-4 textured *actors* (sprites with a distinct periodic
-texture, a superellipse silhouette and a dark rim) that move along smooth
-curved paths, bouncing off the frame edges, over a muted textured background
-that may pan; a vertical bar sometimes sweeps through the frame and hides
-what is behind it. At every second each actor performs a set of 1-3 *atomic
-actions* (atoms) that are visible only over time:
+texture, a superellipse silhouette, and a rim and a bar through the centre, the
+*spoke*, both dark or both light) that move along smooth curved paths, bouncing
+off the frame edges, over a muted textured background that may pan; a vertical
+bar sometimes sweeps through the frame and hides what is behind it. At every
+second each actor performs a set of 1-3 *atomic actions* (atoms) that are
+visible only over time:
 
 ====  ==========  ==============================================================
  id    name        what changes from frame to frame
 ====  ==========  ==============================================================
  1     spin        the sprite rotates steadily (6-9 rad/s, either direction)
  2     pulse       its size oscillates (+-35 %, 3 or 3.5 Hz)
- 3     blink       its brightness flickers (x0.35 half of the time, 2.5 or 3 Hz)
+ 3     blink       its rim and spoke switch between dark and light (2.5 or 3 Hz)
  4     wobble      its position jitters in a figure eight (0.45 x its half side, 3 or 3.5 Hz)
- 5     colorcycle  its hues rotate (1.5 turns per second)
- 6     scroll      its texture slides inside the still silhouette (2 periods/s)
+ 5     colorcycle  its hues rotate (3 turns per second)
+ 6     scroll      its texture slides inside the still silhouette and spoke (2.5 periods/s),
+                   across the texture's stripes
  7     shake       it rocks back and forth (+-0.8 rad, 3.5 or 4 Hz)
  8     squash      it stretches in x while shrinking in y and back (+-40 %, 3 or 3.5 Hz)
 ====  ==========  ==============================================================
@@ -29,8 +31,17 @@ too faint: an atom probe named only blink and shake on validation actors;
 ``benchmarks/bench_atoms.py``). Generator version 3 moves the actors at a
 third of version 2's speed (8-16 px/s instead of 24-48), so that the one box per
 second of the annotation still frames the actor in the outer clips of that second
-(see the geometry note). Labels, splits, pairs and the starting layout of a seed
-are the same in all versions.
+(see the geometry note). Generator version 4 makes the atoms separable when they
+are combined (the probe named them alone but not in held-out combinations):
+the spoke shows the actor's orientation in every frame (spin and shake turn it,
+scroll does not), scroll slides the texture across its stripes (along them it
+was invisible), blink switches only the rim and the spoke (version 3 darkened
+the whole sprite and hid a colour cycle), every actor has a dark or a light rim
+of its own (drawn from a random stream of its own; so one frame does not tell
+blink), colorcycle turns twice as fast, and a data set has 48 training videos
+by default (24 before). The held-out labels, the validation videos' labels and
+layout (so the validation / test pairs and the chance frame-mAP) and the first
+24 training videos' labels and layout of a seed are the same in all versions.
 The atoms of an actor change every 2-5 seconds; the *combined label* of an
 actor at a second is the sorted tuple of its atom ids (as for AVA persons).
 
@@ -94,9 +105,13 @@ __all__ = [
 ATOMS: dict[int, str] = {1: "spin", 2: "pulse", 3: "blink", 4: "wobble", 5: "colorcycle", 6: "scroll",
                          7: "shake", 8: "squash"}
 #: bump when the rendering or the annotation rules change (invalidates cached roots)
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 _TEX = 32  # texture size (periodic)
+_HUE_TURNS_PER_S = 3.0  # colorcycle speed (version 4; 1.5 before)
+_RIM = 0.6  # superellipse level beyond which a texel is rim (0.72 before version 4)
+_SCROLL_PERIODS_PER_S = 2.5  # scroll speed in texture periods (sprite widths) per second (2 before version 4)
+_SPOKE = 0.12  # half width of the dark bar through the sprite's centre (actor frame units; version 4)
 
 
 @dataclass(frozen=True)
@@ -126,7 +141,7 @@ class SynthConfig:
     """
 
     seed: int = 0
-    num_train_videos: int = 24
+    num_train_videos: int = 48
     num_val_videos: int = 8
     seconds: int = 20
     size: int = 128
@@ -218,6 +233,7 @@ class _Actor:
     scroll_v: np.ndarray         # [2] texture periods per second
     shake_f: float
     squash_f: float
+    rim_light: bool = False      # rim and spoke light (else dark) when not blinking (version 4)
 
 
 @dataclass
@@ -289,6 +305,21 @@ def _actor_texture(rng: np.random.Generator, hue0: float) -> np.ndarray:
     motif = b > rng.uniform(0.6, 0.75)
     tex[motif] = cols[2]
     return tex.astype(np.float32)
+
+
+def _scroll_direction(texture: np.ndarray, drawn: np.ndarray) -> np.ndarray:
+    """Unit direction ``[2]`` (x, y) along which ``texture`` changes most: the leading
+    eigenvector of its luminance structure tensor, signed like ``drawn``.
+
+    Version 4: a texture slid along its own stripes does not change (the aperture
+    problem; version 3's random directions made scroll invisible on striped textures).
+    """
+    lum = texture.mean(axis=2)
+    gx = np.roll(lum, -1, axis=1) - np.roll(lum, 1, axis=1)   # periodic central differences
+    gy = np.roll(lum, -1, axis=0) - np.roll(lum, 1, axis=0)
+    j = np.array([[np.sum(gx * gx), np.sum(gx * gy)], [np.sum(gx * gy), np.sum(gy * gy)]])
+    d = np.linalg.eigh(j)[1][:, -1]
+    return d if float(d @ drawn) >= 0 else -d
 
 
 def _fold(u: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -382,6 +413,8 @@ def _plan_video(cfg: SynthConfig, split: str, index: int, labels: _LabelSource) 
         occluder = {"x0": float(rng.uniform(0, 2 * S)), "v": float(rng.uniform(30, 60) * rng.choice([-1, 1])),
                     "width": w, "period": float(2 * S + w), "texture": tex.astype(np.uint8)}
     actors = []
+    # draws added in version 4 come from their own stream, so the layout, labels and pairs of a seed stay
+    rng_v4 = np.random.default_rng([cfg.seed & 0xFFFFFFFF, 0 if split == "train" else 1, index, 4])
     n_act = int(rng.integers(cfg.actors[0], cfg.actors[1] + 1))
     hue0 = rng.uniform(0, 1)
     for pid in range(n_act):
@@ -404,9 +437,10 @@ def _plan_video(cfg: SynthConfig, split: str, index: int, labels: _LabelSource) 
             per_sec.extend([lab] * length)
             prev = lab
         scroll = rng.normal(size=2)
+        actor_texture = _actor_texture(rng, hue0 + pid / n_act + rng.uniform(-0.05, 0.05))
         actors.append(_Actor(
             person_id=pid,
-            texture=_actor_texture(rng, hue0 + pid / n_act + rng.uniform(-0.05, 0.05)),
+            texture=actor_texture,
             shape_p=float(rng.choice([2.0, 3.0, 4.0])),
             rx=float(rx), ry=float(ry),
             pos=_path(rng, n, fps, S, rx, ry, cfg.speed),
@@ -417,10 +451,11 @@ def _plan_video(cfg: SynthConfig, split: str, index: int, labels: _LabelSource) 
             blink_f=float(rng.choice([2.5, 3.0])),
             wobble_f=float(rng.choice([3.0, 3.5])),
             wobble_amp=float(0.45 * min(rx, ry)),
-            hue_speed=float(2 * np.pi * 1.5 * rng.choice([-1, 1])),
-            scroll_v=2.0 * scroll / max(float(np.linalg.norm(scroll)), 1e-9),  # 2 texture periods per second
+            hue_speed=float(2 * np.pi * _HUE_TURNS_PER_S * rng.choice([-1, 1])),
+            scroll_v=_SCROLL_PERIODS_PER_S * _scroll_direction(actor_texture, scroll),
             shake_f=float(rng.choice([3.5, 4.0])),
             squash_f=float(rng.choice([3.0, 3.5])),
+            rim_light=bool(rng_v4.random() < 0.5),
         ))
     return VideoScript(vid, split, secs, S, fps, background, pan, pan_offset, occluder, actors)
 
@@ -461,15 +496,17 @@ class _ActorTrack:
         sq = act[8] * 0.4 * osc(a.squash_f)
         self.sx = pulse * (1 + sq)
         self.sy = pulse * (1 - sq)
-        self.dark = (act[3] > 0) & (np.mod(a.blink_f * t + 1e-9, 1.0) >= 0.5)  # blink: dark 2nd half-periods
+        # rim shade per frame (0 dark, 1 light): blink switches it in the 2nd half of every period
+        self.dark = (act[3] > 0) & (np.mod(a.blink_f * t + 1e-9, 1.0) >= 0.5)
+        self.rim_state = self.dark ^ a.rim_light
         self.center = a.pos + act[4][:, None] * a.wobble_amp * np.stack(
             [osc(a.wobble_f), 0.5 * np.sin(2 * s2p * a.wobble_f * t)], axis=1)
         self.hue = np.concatenate([[0.0], np.cumsum(act[5][:-1])]) * a.hue_speed / fps
         self.scroll = np.concatenate([np.zeros((1, 2)), np.cumsum(act[6][:-1, None] * a.scroll_v[None], axis=0)]) / fps
         self.color_active = act[5] > 0
         self.r_max = 2.0 ** (0.5 - 1.0 / a.shape_p)  # farthest point of the unit superellipse
-        # packed texel palettes without hue rotation: [dark][rim][T*T]
-        self.palette = _pack(a.texture.reshape(1, 1, -1, 3) * _SHADES[:, :, None, None]).reshape(-1)
+        # packed texel palettes without hue rotation: [rim state][rim?][T*T]
+        self.palette = _pack(_shade(a.texture.reshape(-1, 3))).reshape(-1)
 
 
 def _hue_matrices(angles: np.ndarray) -> np.ndarray:
@@ -505,7 +542,15 @@ def _unpack(px: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(px[..., None].view(np.uint8)[..., :3])
 
 
-_SHADES = np.array([[1.0, 0.45], [0.35, 0.35 * 0.45]])  # [blink dark?][rim?] brightness factors
+# texel colour = texture * mul + add, indexed [rim state (0 dark, 1 light)][rim or spoke texel?]
+_SHADE_MUL = np.array([[1.0, 0.45], [1.0, 0.3]])
+_SHADE_ADD = np.array([[0.0, 0.0], [0.0, 178.5]])
+
+
+def _shade(rgb: np.ndarray) -> np.ndarray:
+    """Texel colours ``[..., K, 3]`` -> ``[..., 2, 2, K, 3]`` for every [rim state][rim?] pair."""
+    rgb = rgb[..., None, None, :, :]
+    return rgb * _SHADE_MUL[:, :, None, None] + _SHADE_ADD[:, :, None, None]
 
 
 def _draw_actor(out: np.ndarray, a: _Actor, tr: _ActorTrack, g: np.ndarray) -> None:
@@ -543,17 +588,18 @@ def _draw_actor(out: np.ndarray, a: _Actor, tr: _ActorTrack, g: np.ndarray) -> N
     tu = np.floor((u + 1) * half + off[:, 0, None, None]).astype(np.int32) & (_TEX - 1)
     tv = np.floor((v + 1) * half + off[:, 1, None, None]).astype(np.int32) & (_TEX - 1)
     texel = tv * _TEX + tu
-    np.add(texel, _TEX * _TEX, out=texel, where=q > 0.72)      # rim texels are the second half
-    dark = tr.dark[g]
+    # rim and spoke texels (dark) are the second half; the spoke, a bar along the actor's own x axis,
+    # turns with spin / shake but not with scroll (version 4: orientation visible in every frame)
+    np.add(texel, _TEX * _TEX, out=texel, where=(q > _RIM) | (np.abs(v) < _SPOKE))
+    state = tr.rim_state[g].astype(np.int64)
     if tr.color_active[g].any():                              # per-frame palettes [F, 2, T*T]
         m = _hue_matrices(tr.hue[g]).astype(f32)
         rot = a.texture.reshape(-1, 3) @ m.transpose(0, 2, 1)  # [F, T*T, 3]
-        shade = _SHADES[dark.astype(np.int64)].astype(f32)   # [F, 2]
-        pal = _pack(rot[:, None] * shade[:, :, None, None]).reshape(-1)
+        pal = _pack(_shade(rot)[np.arange(F), state]).reshape(-1)
         texel += (np.arange(F, dtype=np.int32) * (2 * _TEX * _TEX))[:, None, None]
     else:                                                     # the 2 x 2 static palettes
         pal = tr.palette
-        texel += (dark.astype(np.int32) * (2 * _TEX * _TEX))[:, None, None]
+        texel += (state.astype(np.int32) * (2 * _TEX * _TEX))[:, None, None]
     cols = np.take(pal, texel)                                # uint32 [F, P, P]
     for k in range(F):
         ya, yb = max(int(y0[k]), 0), min(int(y0[k]) + P, S)
