@@ -166,7 +166,7 @@ def test_atoms_are_deterministic_per_seed_and_switch_at_integer_seconds():
     fps = a1[0].fps
 
     def params(tr):
-        return np.concatenate([np.stack([tr.angle, tr.sx, tr.sy, tr.dark.astype(float), tr.hue], 1),
+        return np.concatenate([np.stack([tr.angle, tr.sx, tr.sy, tr.blink_phase.astype(float), tr.hue], 1),
                                tr.center, tr.scroll], 1)              # [frames, 9]
 
     actor.labels = [()] * 4

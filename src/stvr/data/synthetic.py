@@ -111,7 +111,7 @@ _TEX = 32  # texture size (periodic)
 _HUE_TURNS_PER_S = 3.0  # colorcycle speed (version 4; 1.5 before)
 _RIM = 0.6  # superellipse level beyond which a texel is rim (0.72 before version 4)
 _SCROLL_PERIODS_PER_S = 2.5  # scroll speed in texture periods (sprite widths) per second (2 before version 4)
-_SPOKE = 0.12  # half width of the dark bar through the sprite's centre (actor frame units; version 4)
+_SPOKE = 0.12  # half width of the bar through the sprite's centre, shaded like the rim (actor frame units; v4)
 
 
 @dataclass(frozen=True)
@@ -413,7 +413,7 @@ def _plan_video(cfg: SynthConfig, split: str, index: int, labels: _LabelSource) 
         occluder = {"x0": float(rng.uniform(0, 2 * S)), "v": float(rng.uniform(30, 60) * rng.choice([-1, 1])),
                     "width": w, "period": float(2 * S + w), "texture": tex.astype(np.uint8)}
     actors = []
-    # draws added in version 4 come from their own stream, so the layout, labels and pairs of a seed stay
+    # draws added in version 4 come from their own stream: the layout, labels and pairs of a seed stay the same
     rng_v4 = np.random.default_rng([cfg.seed & 0xFFFFFFFF, 0 if split == "train" else 1, index, 4])
     n_act = int(rng.integers(cfg.actors[0], cfg.actors[1] + 1))
     hue0 = rng.uniform(0, 1)
@@ -497,8 +497,8 @@ class _ActorTrack:
         self.sx = pulse * (1 + sq)
         self.sy = pulse * (1 - sq)
         # rim shade per frame (0 dark, 1 light): blink switches it in the 2nd half of every period
-        self.dark = (act[3] > 0) & (np.mod(a.blink_f * t + 1e-9, 1.0) >= 0.5)
-        self.rim_state = self.dark ^ a.rim_light
+        self.blink_phase = (act[3] > 0) & (np.mod(a.blink_f * t + 1e-9, 1.0) >= 0.5)
+        self.rim_state = self.blink_phase ^ a.rim_light
         self.center = a.pos + act[4][:, None] * a.wobble_amp * np.stack(
             [osc(a.wobble_f), 0.5 * np.sin(2 * s2p * a.wobble_f * t)], axis=1)
         self.hue = np.concatenate([[0.0], np.cumsum(act[5][:-1])]) * a.hue_speed / fps
@@ -588,7 +588,7 @@ def _draw_actor(out: np.ndarray, a: _Actor, tr: _ActorTrack, g: np.ndarray) -> N
     tu = np.floor((u + 1) * half + off[:, 0, None, None]).astype(np.int32) & (_TEX - 1)
     tv = np.floor((v + 1) * half + off[:, 1, None, None]).astype(np.int32) & (_TEX - 1)
     texel = tv * _TEX + tu
-    # rim and spoke texels (dark) are the second half; the spoke, a bar along the actor's own x axis,
+    # rim and spoke texels are the second half; the spoke, a bar along the actor's own x axis,
     # turns with spin / shake but not with scroll (version 4: orientation visible in every frame)
     np.add(texel, _TEX * _TEX, out=texel, where=(q > _RIM) | (np.abs(v) < _SPOKE))
     state = tr.rim_state[g].astype(np.int64)
