@@ -114,14 +114,10 @@ def train_probe(train_x, train_y, val_x, val_y, frames: str, seconds: float, see
     return val_auc, train_auc, steps
 
 
-def _nanmean(x) -> float:
+def _nan_reduce(reduce, x) -> float:
+    """``reduce`` (``np.nanmean`` / ``np.nanmin``) of ``x``, NaN when no value is finite (a probe not run)."""
     x = np.asarray(x, dtype=float)
-    return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
-
-
-def _nanmin(x) -> float:
-    x = np.asarray(x, dtype=float)
-    return float(np.nanmin(x)) if np.isfinite(x).any() else float("nan")
+    return float(reduce(x)) if np.isfinite(x).any() else float("nan")
 
 
 def main() -> None:
@@ -160,9 +156,9 @@ def main() -> None:
         "root": str(root), "generator": info.get("synthetic", {}).get("version"),
         "seed": args.seed, "minutes": args.minutes, "train_clips": len(tx), "val_clips": len(vx),
         "prep_s": round(prep, 1), "atoms": [names.get(str(a), str(a)) for a in ids], **rows,
-        "clip_mean_auc": _nanmean(rows["clip"]["val_auc"]),
-        "clip_min_auc": _nanmin(rows["clip"]["val_auc"]),
-        "single_mean_auc": _nanmean(rows["single"]["val_auc"]),
+        "clip_mean_auc": _nan_reduce(np.nanmean, rows["clip"]["val_auc"]),
+        "clip_min_auc": _nan_reduce(np.nanmin, rows["clip"]["val_auc"]),
+        "single_mean_auc": _nan_reduce(np.nanmean, rows["single"]["val_auc"]),
     }
     print(f"root {root}: {len(tx)} training / {len(vx)} validation actor clips, "
           f"{args.minutes:g} min per probe ({rows['clip']['steps']} / {rows['single']['steps']} steps)\n")
@@ -172,7 +168,7 @@ def main() -> None:
         print(f"| {name} | {rows['clip']['val_auc'][k]:.3f} | {rows['clip']['train_auc'][k]:.3f} "
               f"| {rows['single']['val_auc'][k]:.3f} |")
     print(f"| **mean** | **{result['clip_mean_auc']:.3f}** | "
-          f"{_nanmean(rows['clip']['train_auc']):.3f} | {result['single_mean_auc']:.3f} |")
+          f"{_nan_reduce(np.nanmean, rows['clip']['train_auc']):.3f} | {result['single_mean_auc']:.3f} |")
     out = Path(__file__).parent / "results" / f"bench_atoms{'-' + args.tag if args.tag else ''}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -175,13 +175,14 @@ def pretrain_backbone(root: str | Path, cfg: ModelConfig, out: str | Path, *, st
     out.parent.mkdir(parents=True, exist_ok=True)
     from .config import config_to_dict, Config
 
+    synthetic = info.get("synthetic") or {}
     meta = {
         "format": "stvr-pretrained-backbone-1",
         "backbone": cfg.backbone,
         "model": json.dumps(config_to_dict(Config(model=cfg))["model"]),
         "data": str(info.get("name", root.name)),
-        "synthetic": json.dumps(info.get("synthetic", {}).get("config")) if info.get("synthetic") else "",
-        "generator_version": str(info.get("synthetic", {}).get("version", "")) if info.get("synthetic") else "",
+        "synthetic": json.dumps(synthetic.get("config")) if synthetic else "",
+        "generator_version": str(synthetic.get("version", "")) if synthetic else "",
         "summary": json.dumps(summary),
         "recipe": recipe or "",
         "seed": str(seed),

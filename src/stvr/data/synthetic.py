@@ -595,7 +595,8 @@ def _draw_actor(out: np.ndarray, a: _Actor, tr: _ActorTrack, g: np.ndarray) -> N
     if tr.color_active[g].any():                              # per-frame palettes [F, 2, T*T]
         m = _hue_matrices(tr.hue[g]).astype(f32)
         rot = a.texture.reshape(-1, 3) @ m.transpose(0, 2, 1)  # [F, T*T, 3]
-        pal = _pack(_shade(rot)[np.arange(F), state]).reshape(-1)
+        shaded = rot[:, None] * _SHADE_MUL[state][:, :, None, None] + _SHADE_ADD[state][:, :, None, None]
+        pal = _pack(shaded).reshape(-1)                       # only the frame's own rim state
         texel += (np.arange(F, dtype=np.int32) * (2 * _TEX * _TEX))[:, None, None]
     else:                                                     # the 2 x 2 static palettes
         pal = tr.palette
