@@ -125,6 +125,37 @@ def test_pretraining_reduces_its_loss_and_loads_into_the_cpu_preset(root, tmp_pa
         load_tiny_weights(TinyBackbone(16, 64), str(tmp_path / "missing.safetensors"))
 
 
+def test_recolor_clips_scrambles_static_colour_and_keeps_changes_over_time():
+    from stvr.pretrain import recolor_clips
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(64, 3, 1, 6, 6) * 2 - 1
+    static = base.expand(-1, -1, 8, -1, -1).contiguous()
+    out = recolor_clips(static, g)
+    assert out.shape == static.shape and out.min() >= -1 and out.max() <= 1
+    # the same colour change in every frame: a static clip stays static
+    torch.testing.assert_close(out, out[:, :, :1].expand_as(out))
+    # each clip is some permutation / inversion of its channels, scaled about its mean
+    for i in range(8):
+        x, y = static[i, :, 0].reshape(3, -1), out[i, :, 0].reshape(3, -1)
+        corr = torch.corrcoef(torch.cat([x, y]))[3:, :3].abs()       # |corr| output ch vs input ch
+        assert torch.allclose(corr.max(1).values, torch.ones(3), atol=1e-4)
+        assert sorted(corr.argmax(1).tolist()) == [0, 1, 2]
+    # and the clips do not all get the same change
+    perms = {tuple(torch.corrcoef(torch.cat([static[i, :, 0].reshape(3, -1), out[i, :, 0].reshape(3, -1)]))[3:, :3]
+                   .abs().argmax(1).tolist()) for i in range(64)}
+    assert len(perms) >= 4
+    # a change over time keeps its timing: a brightness step at frame 4 stays a step at frame 4
+    step = static.clone()
+    step[:, :, 4:] = (step[:, :, 4:] + 0.5).clamp(-1, 1)
+    out2 = recolor_clips(step, torch.Generator().manual_seed(1))
+    diff = (out2[:, :, 1:] - out2[:, :, :-1]).abs().amax((0, 1, 3, 4))
+    assert diff[3] > 0.05 and float(diff[[0, 1, 2, 4, 5, 6]].max()) == 0.0
+    # deterministic per generator seed
+    torch.testing.assert_close(recolor_clips(static, torch.Generator().manual_seed(5)),
+                               recolor_clips(static, torch.Generator().manual_seed(5)))
+
+
 def test_shipped_weights_are_the_cpu_presets_default():
     cfg = preset("cpu").model
     assert cfg.backbone_weights == "builtin"
@@ -147,9 +178,11 @@ def test_cli_pretrain(root, tmp_path, capsys):
 
     out = tmp_path / "w.safetensors"
     rc = main(["pretrain", "--data", str(root), "--out", str(out), "--steps", "3", "--batch-size", "4",
-               "--set", "model.image_size=64", "--quiet"])
+               "--set", "model.image_size=64", "--color-augment", "--quiet"])
     assert rc == 0 and out.is_file()
     assert json.loads(capsys.readouterr().out)["steps"] == 3
+    meta = load_tiny_weights(TinyBackbone(16, 64), str(out))
+    assert meta["color_augment"] == "true" and "--color-augment" in meta["recipe"]
 
 
 # ----------------------------------------------------------------------------- generator timing

@@ -40,7 +40,7 @@ from .evaluation import roc_auc
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BUILTIN_RECIPE", "ActorClassifier", "pretrain_backbone"]
+__all__ = ["BUILTIN_RECIPE", "ActorClassifier", "pretrain_backbone", "recolor_clips"]
 
 #: how the shipped weights were made (also stored in their metadata; generator version 4; the file
 #: written was then copied to ``src/stvr/backbones/weights/tiny_synthetic.safetensors``)
@@ -77,6 +77,23 @@ class ActorClassifier(nn.Module):
         return self.fc(crops.mean((2, 3)))
 
 
+def recolor_clips(clips: Tensor, generator: torch.Generator) -> Tensor:
+    """A random colour change per clip, constant over its frames: ``[N, 3, T, H, W]`` in [-1, 1].
+
+    Each clip gets its own permutation of the RGB channels, each channel of it is inverted
+    (``-x``) with probability 1/2, then scaled by a contrast in [0.6, 1] (about the clip's mean);
+    values stay in [-1, 1]. Appearance that is constant over time is scrambled; every change
+    over time (brightness, hue, position, shape) keeps its timing.
+    """
+    n = clips.shape[0]
+    perm = torch.argsort(torch.rand(n, 3, generator=generator), dim=1)
+    sign = torch.where(torch.rand(n, 3, generator=generator) < 0.5, -1.0, 1.0).to(clips.dtype)
+    contrast = (0.6 + 0.4 * torch.rand(n, 1, 1, 1, 1, generator=generator)).to(clips.dtype)
+    out = torch.gather(clips, 1, perm.view(n, 3, 1, 1, 1).expand_as(clips)) * sign.view(n, 3, 1, 1, 1)
+    mean = out.mean((1, 2, 3, 4), keepdim=True)
+    return (mean + contrast * (out - mean)).clamp_(-1.0, 1.0)
+
+
 def _evaluate(model: ActorClassifier, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     model.eval()
     scores, targets = [], []
@@ -91,7 +108,7 @@ def _evaluate(model: ActorClassifier, loader: DataLoader, device: torch.device) 
 def pretrain_backbone(root: str | Path, cfg: ModelConfig, out: str | Path, *, steps: int = 1500,
                       batch_size: int = 16, lr: float = 2e-3, seed: int = 0, workers: int = 0,
                       device: str = "cpu", progress: bool = True, val_clips: int = 1200,
-                      recipe: str | None = None) -> dict[str, Any]:
+                      recipe: str | None = None, color_augment: bool = False) -> dict[str, Any]:
     """Pretrain ``cfg``'s backbone on the training actors of ``root``; write its weights.
 
     Args:
@@ -109,6 +126,9 @@ def pretrain_backbone(root: str | Path, cfg: ModelConfig, out: str | Path, *, st
         progress: tqdm bar.
         val_clips: at most this many validation clips are scored (evenly spaced).
         recipe: the command line that reproduces the run (stored in the metadata).
+        color_augment: recolour every training clip at random, the same way in all its frames
+            (:func:`recolor_clips`): the actors' own colours stop telling their actions, while a
+            colour that changes over time (blink, colorcycle) still does.
 
     Returns:
         A summary: ``train_clips``, ``steps``, ``loss_first`` / ``loss_last`` (mean of the
@@ -141,6 +161,8 @@ def pretrain_backbone(root: str | Path, cfg: ModelConfig, out: str | Path, *, st
             loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
                                 num_workers=workers, generator=gen)
             for clips, boxes, y in loader:
+                if color_augment:
+                    clips = recolor_clips(clips, gen)
                 logits = model(clips.to(dev), boxes.to(dev))
                 loss = F.binary_cross_entropy_with_logits(logits, y.to(dev))
                 opt.zero_grad(set_to_none=True)
@@ -185,6 +207,7 @@ def pretrain_backbone(root: str | Path, cfg: ModelConfig, out: str | Path, *, st
         "generator_version": str(synthetic.get("version", "")) if synthetic else "",
         "summary": json.dumps(summary),
         "recipe": recipe or "",
+        "color_augment": str(bool(color_augment)).lower(),
         "seed": str(seed),
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}

@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                            description="Build the model of a preset (random weights) and print "
                            "its configuration, parameters per stage and FLOPs per reference clip.")
     info.add_argument("--preset", choices=("paper", "cpu"), default="cpu",
-                      help="configuration preset (default: cpu)")
+                      help="configuration preset (default: %(default)s)")
     info.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config field, e.g. --set model.cell=conv (repeatable)")
     info.add_argument("--json", action="store_true", help="print the summary as JSON")

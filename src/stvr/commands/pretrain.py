@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", metavar="FILE", help="continue from these backbone weights (.safetensors of an "
                    "earlier `stvr pretrain`) instead of a random initialization")
     p.add_argument("--seed", type=int, default=0, help="initialization and sampling seed")
+    p.add_argument("--color-augment", action="store_true", help="recolour each training clip at random "
+                   "(channel permutation, inversion, contrast; the same in all its frames)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -35,9 +37,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import shlex
-    import sys
-
     from ..pretrain import pretrain_backbone
     from .train import config_from_args
 
@@ -59,7 +58,24 @@ def run(args: argparse.Namespace) -> int:
     cfg.model.backbone_weights = str(check_input_file(args.init, "--init")) if args.init else None
     summary = pretrain_backbone(args.data, cfg.model, args.out, steps=args.steps, batch_size=args.batch_size,
                                 lr=args.lr, seed=args.seed, workers=args.workers, device=args.device,
-                                progress=not args.quiet,
-                                recipe="stvr " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+                                progress=not args.quiet, color_augment=args.color_augment,
+                                recipe=_recipe(args))
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _recipe(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run (stored in the weights' metadata)."""
+    import shlex
+
+    words = ["stvr", "pretrain", "--data", str(args.data), "--out", str(args.out), "--steps", str(args.steps),
+             "--batch-size", str(args.batch_size), "--lr", f"{args.lr:g}", "--seed", str(args.seed)]
+    if args.preset != "cpu":
+        words += ["--preset", args.preset]
+    for o in args.overrides:
+        words += ["--set", o]
+    if args.init:
+        words += ["--init", str(args.init)]
+    if args.color_augment:
+        words.append("--color-augment")
+    return " ".join(shlex.quote(w) for w in words)

@@ -12,7 +12,7 @@ from ..config import apply_overrides, preset
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     """``--preset`` and repeated ``--set section.field=value`` overrides."""
     p.add_argument("--preset", choices=("paper", "cpu"), default="cpu",
-                   help="configuration preset (default: cpu)")
+                   help="configuration preset (default: %(default)s)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set model.cell=conv (repeatable)")
 
