@@ -416,3 +416,34 @@ def test_bench_geometry_idealized_detectors(root):
                 s = p["reference"]["start"] + j // 3
                 annotated = scripts[p["reference"]["id"]].boxes()[:, s]
                 np.testing.assert_allclose(np.asarray(rows)[:, :4], annotated, atol=1e-9)
+
+
+def test_bench_backbone_match_scores_every_annotated_actor(root):
+    # benchmarks/bench_backbone_match.py: every annotated actor of every reference clip, at its
+    # exact box, scored by a cosine; so actor recall is 1 and the chance row is the usual one
+    import importlib.util
+
+    from stvr.evaluation import load_actors, match_diagnostics
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_backbone_match.py"
+    spec = importlib.util.spec_from_file_location("bench_backbone_match", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    r, _ = root
+    pairs, dets, actors = bench.exact_box_detections(r, "builtin", "test")
+    assert actors == load_actors(r)
+    for p, per_pair in zip(pairs, dets):
+        ref = p["reference"]
+        assert len(per_pair) == 3 * (ref["end"] - ref["start"])
+        for j, rows in enumerate(per_pair):
+            want = np.asarray(actors.get((ref["id"], ref["start"] + j // 3), []), np.float32).reshape(-1, 4)
+            got = np.asarray(rows, np.float64).reshape(-1, 5)
+            np.testing.assert_allclose(got[:, :4], want, atol=1e-6)
+            assert np.all(np.abs(got[:, 4]) <= 1 + 1e-5)
+    s = bench.score_root(r, "builtin", "test")
+    diag = match_diagnostics(pairs, dets, actors)
+    assert s["actor_recall"] == 1.0 and s["pairs"] == len(pairs)
+    assert s["chance_mAP"] == pytest.approx(100 * diag["chance_mAP"])
+    assert s["match_auc"] == pytest.approx(diag["match_auc"]) and 0.0 <= s["mAP"] <= 100.0
+    # deterministic, random initialization included
+    assert bench.score_root(r, "none", "test") == bench.score_root(r, "none", "test")

@@ -1,0 +1,153 @@
+"""How well does a frozen backbone match actions by itself? (issue 11)
+
+Every annotated actor of each reference clip gets its *exact* box, scored by the
+cosine between its crop mean (the backbone's map cropped at the box exactly as
+the matching network crops, average-pooled) and the query's (the mean over the
+crop means of all clips of the query tubelet). No detector, no training: the
+frame-mAP and match AUC measure only how well the backbone's features tell the
+query's combined label from the others, on the evaluation pairs of a dataset
+root (which hold combinations never shown in training). The chance matcher
+(the same boxes, random scores) is printed beside it.
+
+This is the quick check of a pretrained backbone (``stvr pretrain``) on many
+seeds before the end-to-end training (``stvr demo``, ~8 minutes a seed):
+
+    python benchmarks/bench_backbone_match.py --roots data/v4-s0 data/v4-s7 \\
+        --weights builtin runs/other.safetensors --split val
+
+Prints a Markdown table and writes ``benchmarks/results/bench_backbone_match[-TAG].json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stvr.backbones import build_backbone
+from stvr.config import preset
+from stvr.data.clip_cache import ClipCache
+from stvr.data.pairs import load_dataset_json, load_pairs, resolve_video_path
+from stvr.data.video import frames_to_clips
+from stvr.evaluation import frame_map, load_actors, match_diagnostics
+from stvr.model.query import crop_features
+
+
+def clip_maps(root: Path, cfg, backbone, keys: list[tuple[str, int]], batch: int = 32) -> dict:
+    """``{(video_id, second): float32 [clips_per_second, C, h, w]}`` backbone maps of every clip."""
+    info = load_dataset_json(root)
+    fps = int(info.get("fps", 24))
+    cache = ClipCache(root / "cache", size=cfg.image_size, fps=fps)
+    per_second = fps // cfg.clip_frames
+    clips, owners = [], []
+    for vid, sec in keys:
+        frames = np.asarray(cache.frames(vid, resolve_video_path(root, info, vid), sec, sec + 1))
+        clips.append(frames_to_clips(np.ascontiguousarray(frames), cfg.clip_frames)[:per_second])
+        owners.append((vid, sec))
+    out: dict = {}
+    flat = torch.cat(clips)
+    maps = []
+    with torch.no_grad():
+        for i in range(0, len(flat), batch):
+            maps.append(backbone(flat[i:i + batch]))
+    maps = torch.cat(maps).view(len(owners), per_second, *maps[0].shape[1:])
+    for k, key in enumerate(owners):
+        out[key] = maps[k]
+    return out
+
+
+def crop_means(maps: torch.Tensor, boxes: np.ndarray, cfg) -> torch.Tensor:
+    """``maps [M, C, h, w]`` (one map per box) and boxes ``[M, 4]`` -> ``[M, C]``."""
+    b = torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4))
+    crops = crop_features(maps, b, torch.arange(len(b)), cfg.roi_crop_size, mapping=cfg.roi_mapping,
+                          image_size=cfg.image_size)
+    return crops.mean((2, 3))
+
+
+def exact_box_detections(root: Path, weights: str, split: str) -> tuple[list, list, dict]:
+    """``(pairs, detections, actors)``: every annotated actor of every reference clip at its exact
+    box, scored by the cosine of its crop mean with the query's mean crop (API.md section 4)."""
+    cfg = preset("cpu").model
+    info = load_dataset_json(root)
+    cfg.backbone_weights = None if weights == "none" else weights
+    torch.manual_seed(0)                      # the random initialization of "none"
+    backbone = build_backbone(cfg).eval()
+    pairs = load_pairs(root / "pairs" / f"{split}.json")
+    actors = load_actors(root)
+    per_second = int(info.get("fps", 24)) // cfg.clip_frames
+    keys = set()
+    for p in pairs:
+        keys.update((p["query"]["id"], int(s)) for s in p["query"]["frames"])
+        keys.update((p["reference"]["id"], s) for s in range(p["reference"]["start"], p["reference"]["end"]))
+    maps = clip_maps(root, cfg, backbone, sorted(keys))
+    detections = []
+    for p in pairs:
+        q = p["query"]
+        qmaps = torch.cat([maps[(q["id"], int(s))] for s in q["frames"]])
+        qboxes = np.repeat(np.asarray(q["boxes"], np.float32), per_second, axis=0)
+        qvec = F.normalize(crop_means(qmaps, qboxes, cfg).mean(0), dim=0)
+        ref = p["reference"]
+        dets = []
+        for s in range(ref["start"], ref["end"]):
+            boxes = np.asarray(actors.get((ref["id"], s), []), np.float32).reshape(-1, 4)
+            for j in range(per_second):
+                if len(boxes) == 0:
+                    dets.append([])
+                    continue
+                m = maps[(ref["id"], s)][j].expand(len(boxes), -1, -1, -1)
+                cos = F.normalize(crop_means(m, boxes, cfg), dim=1) @ qvec
+                dets.append([[*map(float, b), float(c)] for b, c in zip(boxes, cos)])
+        detections.append(dets)
+    return pairs, detections, actors
+
+
+def score_root(root: Path, weights: str, split: str) -> dict:
+    """Frame-mAP@0.5, match AUC and chance frame-mAP (percent) of :func:`exact_box_detections`."""
+    pairs, detections, actors = exact_box_detections(root, weights, split)
+    per_second = len(detections[0]) // max(1, pairs[0]["reference"]["end"] - pairs[0]["reference"]["start"])
+    fm = frame_map(pairs, detections, 0.5, per_second)
+    diag = match_diagnostics(pairs, detections, actors, 0.5, per_second)
+    return {"mAP": 100 * fm["mAP"], "match_auc": diag["match_auc"], "chance_mAP": 100 * diag["chance_mAP"],
+            "actor_recall": diag["actor_recall"], "AP": {k: 100 * v for k, v in fm["AP"].items()},
+            "pairs": len(pairs)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--roots", nargs="+", type=Path, required=True, help="dataset roots (one per seed)")
+    ap.add_argument("--weights", nargs="+", default=["builtin"],
+                    help="backbone weights: builtin, none (random init) or .safetensors files")
+    ap.add_argument("--split", default="val", choices=["val", "test"])
+    ap.add_argument("--tag", default="", help="suffix of the results file")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results: dict = {"split": args.split, "runs": []}
+    t0 = time.perf_counter()
+    print(f"| weights | root | frame-mAP@0.5 | match AUC | chance | x chance |\n|---|---|---:|---:|---:|---:|")
+    for w in args.weights:
+        row = []
+        for root in args.roots:
+            r = score_root(root, w, args.split)
+            r.update(weights=w, root=str(root))
+            results["runs"].append(r)
+            row.append(r)
+            print(f"| {w} | {root.name} | {r['mAP']:.1f} | {r['match_auc']:.3f} | {r['chance_mAP']:.1f} | "
+                  f"{r['mAP'] / r['chance_mAP']:.2f} |", flush=True)
+        print(f"| {w} | **mean** | {np.mean([r['mAP'] for r in row]):.1f} | "
+              f"{np.mean([r['match_auc'] for r in row]):.3f} | {np.mean([r['chance_mAP'] for r in row]):.1f} | "
+              f"{np.mean([r['mAP'] / r['chance_mAP'] for r in row]):.2f} |", flush=True)
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    out = Path(__file__).parent / "results" / f"bench_backbone_match{'-' + args.tag if args.tag else ''}.json"
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"({results['seconds']} s; {out})")
+
+
+if __name__ == "__main__":
+    main()
