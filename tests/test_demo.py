@@ -72,6 +72,19 @@ def test_bench_table1_writes_tables_and_skips_finished_runs(tmp_path, capsys):
     capsys.readouterr()
     assert main(argv) == 0
     assert (tmp_path / "runs" / "clip-seed0" / "results.json").read_bytes() == before
+    # only the post-processing changes: the checkpoints predict again, nothing is retrained
+    mtime = (tmp_path / "runs" / "clip-seed0" / "last.safetensors").stat().st_mtime_ns
+    assert main(argv + ["--set", "model.det_box_voting=0.5", "--set", "model.det_nms_iou=0.3"]) == 0
+    assert (tmp_path / "runs" / "clip-seed0" / "last.safetensors").stat().st_mtime_ns == mtime
+    again = json.loads((tmp_path / "runs" / "clip-seed0" / "results.json").read_text())
+    assert again["config"]["model"]["det_box_voting"] == 0.5 and again["config"]["model"]["det_nms_iou"] == 0.3
+    assert again["reevaluated_from"]["det_box_voting"] == json.loads(before)["config"]["model"]["det_box_voting"]
+    assert again["train"] == json.loads(before)["train"] and again["checkpoint_step"] == 1
+    cfg = json.loads((tmp_path / "runs" / "clip-seed0" / "config.json").read_text())
+    assert cfg["model"]["det_box_voting"] == 0.5
+    # a change that training reads retrains
+    assert not bench._only_postprocessing_differs(again["config"], {**again["config"], "model": {
+        **again["config"]["model"], "box_fg_iou": 0.6}})
 
 
 def test_aggregate_mean_and_sample_std():

@@ -85,7 +85,8 @@ def test_anchor_grid_is_the_official_one():
 
 def box_cfg(**kw):
     base = dict(box_add_gt=False, box_fg_iou=0.5, box_batch_per_clip=4, box_positive_fraction=0.25,
-                det_score_threshold=0.0, det_nms_iou=0.6, det_per_class=15, det_per_clip=30)
+                det_score_threshold=0.0, det_nms_iou=0.6, det_per_class=15, det_per_clip=30,
+                det_box_voting=0.0)
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -205,3 +206,45 @@ def test_postprocessing_multiplies_by_the_predicted_iou():
         order = torch.argsort(want, descending=True)      # detections come sorted by score
         torch.testing.assert_close(det[:, 4], want[order])
         torch.testing.assert_close(det[:, :4], boxes[order] / S)
+
+
+def test_box_voting_hand_built():
+    kept = torch.tensor([[0., 0., 10., 10.], [50., 50., 60., 60.]])
+    kept_group = torch.tensor([0, 1])
+    boxes = torch.tensor([[0., 0., 10., 10.],      # the first kept box itself, score 0.6
+                          [2., 0., 12., 10.],      # IoU 80/120 = 0.67 with it, score 0.2
+                          [0., 1., 10., 11.],      # IoU 90/110 = 0.82, score 0.2
+                          [1., 0., 11., 10.],      # IoU 0.82 but another group (clip/class): ignored
+                          [50., 50., 60., 60.]])   # the second kept box, alone in its group
+    group = torch.tensor([0, 0, 0, 1, 1])
+    scores = torch.tensor([0.6, 0.2, 0.2, 0.9, 0.5])
+    want0 = (0.6 * boxes[0] + 0.2 * boxes[1] + 0.2 * boxes[2]) / 1.0        # [0.4, 0.2, 10.4, 10.2]
+    out = roi_heads.vote_boxes(kept, kept_group, boxes, scores, group, 0.5)
+    torch.testing.assert_close(out[0], want0)
+    # group 1: box 3 overlaps the second kept box by IoU 0, so only the box itself votes
+    torch.testing.assert_close(out[1], kept[1])
+    # a stricter threshold leaves out the 0.67 box
+    out = roi_heads.vote_boxes(kept, kept_group, boxes, scores, group, 0.7)
+    torch.testing.assert_close(out[0], (0.6 * boxes[0] + 0.2 * boxes[2]) / 0.8)
+    # a kept box with no voter (not among the candidates, nothing overlapping) stays as it is
+    lone = torch.tensor([[100., 100., 110., 110.]])
+    torch.testing.assert_close(roi_heads.vote_boxes(lone, torch.tensor([0]), boxes, scores, group, 0.5), lone)
+
+
+def test_postprocessing_with_box_voting():
+    # two proposals on one actor, both refined to themselves (zero codes): NMS keeps the higher;
+    # voting moves it toward the other by their score weights; the score stays
+    boxes = torch.tensor([[10., 10., 30., 30.], [12., 10., 32., 30.], [40., 40., 60., 60.]])
+    clip_index = torch.zeros(3, dtype=torch.long)
+    logits = torch.tensor([[0., 0., 2.], [0., 0., 1.], [0., 0., 0.5]])
+    codes = torch.zeros(3, 2, 4)
+    p = logits.softmax(-1)
+    plain = roi_heads.postprocess_detections(logits, codes, boxes, clip_index, 1, False, CODER,
+                                             box_cfg(det_nms_iou=0.5), S)[0]
+    torch.testing.assert_close(plain[:, :4], boxes[[0, 2]] / S)
+    voted = roi_heads.postprocess_detections(logits, codes, boxes, clip_index, 1, False, CODER,
+                                             box_cfg(det_nms_iou=0.5, det_box_voting=0.5), S)[0]
+    torch.testing.assert_close(voted[:, 4], plain[:, 4])
+    w = p[:2, 2]
+    torch.testing.assert_close(voted[0, :4], (w[0] * boxes[0] + w[1] * boxes[1]) / w.sum() / S)
+    torch.testing.assert_close(voted[1, :4], boxes[2] / S)       # the "other person" boxes do not vote

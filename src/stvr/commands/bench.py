@@ -101,6 +101,9 @@ def run_one(method: str, seed: int, args: argparse.Namespace, steps: int | None,
         if "diagnostics" not in done:     # a run finished before the diagnostics existed
             _add_diagnostics(done, run_dir, cfg, dataset_cache)
         return done
+    if done is not None and _only_postprocessing_differs(done.get("config"), cfg_dict) \
+            and (run_dir / "last.safetensors").exists():
+        return _reevaluate(done, run_dir, cfg, cfg_dict, args, dataset_cache)
     resume = config_matches(run_dir, cfg)
     t0 = time.perf_counter()
     summary = train(cfg, run_dir, resume=resume, max_steps=cfg.train.max_steps, progress=not args.quiet)
@@ -118,6 +121,45 @@ def run_one(method: str, seed: int, args: argparse.Namespace, steps: int | None,
         "train_seconds_this_call": round(t_train, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
         "config": cfg_dict,
     })
+    write_json(run_dir / "results.json", res, indent=2, default=str)
+    return res
+
+
+def _only_postprocessing_differs(old: dict | None, new: dict) -> bool:
+    """Whether two run configs differ, and only in the detection post-processing
+    (``model.det_*``: NMS, caps, threshold, box voting), which training never reads."""
+    def training_part(d: dict) -> dict:
+        model = {k: v for k, v in d.get("model", {}).items() if not k.startswith("det_")}
+        return {**d, "model": model}
+
+    return isinstance(old, dict) and old != new and training_part(old) == training_part(new)
+
+
+def _reevaluate(done: dict, run_dir: Path, cfg, cfg_dict: dict, args: argparse.Namespace,
+                dataset_cache: dict) -> dict:
+    """A finished run whose config differs only in ``model.det_*``: its last checkpoint predicts
+    the test pairs again with the new post-processing (no retraining); ``config.json`` and
+    ``results.json`` then hold the new config."""
+    from ..checkpoint import load_checkpoint
+    from ..config import save_config
+
+    device = device_name(args.device)
+    model, _, state = load_checkpoint(run_dir / "last.safetensors", device=device)
+    for k, v in vars(cfg.model).items():
+        if k.startswith("det_"):
+            setattr(model.cfg, k, v)
+    key = (cfg.model.image_size, cfg.data.root)
+    if key not in dataset_cache:
+        dataset_cache[key] = test_dataset(cfg)
+    t0 = time.perf_counter()
+    res = evaluate_model(model, dataset_cache[key], device, run_dir / "test_detections.json",
+                         progress=not args.quiet, video_ious=None if args.no_video_map else (0.2, 0.5))
+    keep = {k: done[k] for k in ("method", "key", "cell", "seed", "steps", "checkpoint_step", "train",
+                                 "train_seconds_this_call") if k in done}
+    res.update(keep)
+    res.update({"eval_seconds": round(time.perf_counter() - t0, 1), "config": cfg_dict,
+                "reevaluated_from": {k: v for k, v in done["config"]["model"].items() if k.startswith("det_")}})
+    save_config(cfg, run_dir / "config.json")
     write_json(run_dir / "results.json", res, indent=2, default=str)
     return res
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BoxCoder
-from torchvision.ops import batched_nms, clip_boxes_to_image
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
 from ..data.batch import QUERY_MATCH
 from .ops import balanced_sample, batched_iou, rank_in_groups
@@ -234,6 +234,21 @@ def iou_loss(iou_logits: Tensor, codes: Tensor, targets: BoxTargets, gt_boxes: T
     return (loss * w).sum()
 
 
+def vote_boxes(kept: Tensor, kept_group: Tensor, boxes: Tensor, scores: Tensor, group: Tensor,
+               iou_threshold: float) -> Tensor:
+    """Box voting (Gidaris & Komodakis, ICCV 2015): each kept box ``kept [M, 4]`` becomes the
+    score-weighted mean of the candidate ``boxes [K, 4]`` (``scores [K]``) of its own group (clip
+    and class; ``kept_group [M]``, ``group [K]``) that overlap it with IoU >= ``iou_threshold``,
+    itself included when it is among the candidates. Returns ``[M, 4]``; the scores are unchanged.
+    """
+    w = box_iou(kept, boxes) >= iou_threshold                                    # [M, K]
+    w &= kept_group[:, None] == group[None, :]
+    w = w.to(scores.dtype) * scores[None, :]
+    total = w.sum(1, keepdim=True)
+    voted = (w @ boxes) / total.clamp(min=torch.finfo(scores.dtype).tiny)
+    return torch.where(total > 0, voted, kept)
+
+
 @torch.no_grad()
 def postprocess_detections(logits: Tensor, codes: Tensor, boxes: Tensor, clip_index: Tensor,
                            num_clips: int, binary: bool, box_coder: BoxCoder, cfg: Any,
@@ -264,7 +279,12 @@ def postprocess_detections(logits: Tensor, codes: Tensor, boxes: Tensor, clip_in
     keep = keep[rank_in_groups((clip * nc + cls)[keep]) < cfg.det_per_class]
     keep = keep[rank_in_groups(clip[keep]) < cfg.det_per_clip]
     keep = keep[cls[keep] == match_class]
-    out = torch.cat([dec[keep] / size, scores[keep, None]], dim=1)
+    boxes_out = dec[keep]
+    if cfg.det_box_voting > 0 and keep.numel():
+        boxes_out = vote_boxes(boxes_out, clip[keep] * nc + cls[keep], dec, scores, clip * nc + cls,
+                               cfg.det_box_voting)
+        boxes_out = clip_boxes_to_image(boxes_out, (size, size))     # a mean can round past the edge
+    out = torch.cat([boxes_out / size, scores[keep, None]], dim=1)
     order = torch.argsort(clip[keep], stable=True)
     counts = torch.bincount(clip[keep], minlength=n).tolist()
     return list(out[order].split(counts))
