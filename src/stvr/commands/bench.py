@@ -13,7 +13,9 @@ gets them from its saved test detections (no retraining).
 
 Runs live in ``<runs>/<method>-seed<k>/`` (checkpoints, logs and the run's
 ``results.json``). A run whose ``results.json`` matches the requested config is
-skipped; an unfinished one resumes from its last checkpoint, so the command can
+skipped; one whose config differs only in the detection post-processing
+(``model.det_*``; these runs do not validate, so training never reads them) is
+evaluated again from its last checkpoint; an unfinished one resumes from its last checkpoint, so the command can
 be killed and restarted at any time (e.g. in the background). After every run
 the aggregate table is rewritten: ``<out>/table1.md`` (mean ± sample standard
 deviation over seeds, in percent) and ``<out>/table1.json``.
@@ -85,7 +87,6 @@ def _read_json(path: Path) -> Any:
 def run_one(method: str, seed: int, args: argparse.Namespace, steps: int | None, dataset_cache: dict) -> dict:
     """Train (or resume) and evaluate one (method, seed) run; returns its results dict."""
     from ..config import config_to_dict
-    from ..checkpoint import load_checkpoint
     from ..train import train
 
     name, cell, _, _ = METHODS[method]
@@ -108,18 +109,11 @@ def run_one(method: str, seed: int, args: argparse.Namespace, steps: int | None,
     t0 = time.perf_counter()
     summary = train(cfg, run_dir, resume=resume, max_steps=cfg.train.max_steps, progress=not args.quiet)
     t_train = time.perf_counter() - t0
-    model, _, state = load_checkpoint(run_dir / "last.safetensors", device=device)
-    key = (cfg.model.image_size, cfg.data.root)
-    if key not in dataset_cache:
-        dataset_cache[key] = test_dataset(cfg)
-    t0 = time.perf_counter()
-    res = evaluate_model(model, dataset_cache[key], device, run_dir / "test_detections.json",
-                         progress=not args.quiet, video_ious=None if args.no_video_map else (0.2, 0.5))
+    res, state = _evaluate_last(run_dir, cfg, args, dataset_cache)
     res.update({
         "method": name, "key": method, "cell": cell, "seed": seed, "steps": cfg.train.max_steps,
         "checkpoint_step": int(state["step"]), "train": summary,
-        "train_seconds_this_call": round(t_train, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
-        "config": cfg_dict,
+        "train_seconds_this_call": round(t_train, 1), "config": cfg_dict,
     })
     write_json(run_dir / "results.json", res, indent=2, default=str)
     return res
@@ -127,7 +121,8 @@ def run_one(method: str, seed: int, args: argparse.Namespace, steps: int | None,
 
 def _only_postprocessing_differs(old: dict | None, new: dict) -> bool:
     """Whether two run configs differ, and only in the detection post-processing
-    (``model.det_*``: NMS, caps, threshold, box voting), which training never reads."""
+    (``model.det_*``: NMS, caps, threshold, box voting), which a run without validation (as
+    every Table 1 run) never reads while it trains."""
     def training_part(d: dict) -> dict:
         model = {k: v for k, v in d.get("model", {}).items() if not k.startswith("det_")}
         return {**d, "model": model}
@@ -135,13 +130,10 @@ def _only_postprocessing_differs(old: dict | None, new: dict) -> bool:
     return isinstance(old, dict) and old != new and training_part(old) == training_part(new)
 
 
-def _reevaluate(done: dict, run_dir: Path, cfg, cfg_dict: dict, args: argparse.Namespace,
-                dataset_cache: dict) -> dict:
-    """A finished run whose config differs only in ``model.det_*``: its last checkpoint predicts
-    the test pairs again with the new post-processing (no retraining); ``config.json`` and
-    ``results.json`` then hold the new config."""
+def _evaluate_last(run_dir: Path, cfg, args: argparse.Namespace, dataset_cache: dict) -> tuple[dict, dict]:
+    """``(results, checkpoint state)`` of the run's last checkpoint on the test pairs, with the
+    post-processing (``model.det_*``) of ``cfg``; the detections go to ``test_detections.json``."""
     from ..checkpoint import load_checkpoint
-    from ..config import save_config
 
     device = device_name(args.device)
     model, _, state = load_checkpoint(run_dir / "last.safetensors", device=device)
@@ -154,10 +146,21 @@ def _reevaluate(done: dict, run_dir: Path, cfg, cfg_dict: dict, args: argparse.N
     t0 = time.perf_counter()
     res = evaluate_model(model, dataset_cache[key], device, run_dir / "test_detections.json",
                          progress=not args.quiet, video_ious=None if args.no_video_map else (0.2, 0.5))
-    keep = {k: done[k] for k in ("method", "key", "cell", "seed", "steps", "checkpoint_step", "train",
-                                 "train_seconds_this_call") if k in done}
-    res.update(keep)
-    res.update({"eval_seconds": round(time.perf_counter() - t0, 1), "config": cfg_dict,
+    res["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    return res, state
+
+
+def _reevaluate(done: dict, run_dir: Path, cfg, cfg_dict: dict, args: argparse.Namespace,
+                dataset_cache: dict) -> dict:
+    """A finished run whose config differs only in ``model.det_*``: its last checkpoint predicts
+    the test pairs again with the new post-processing (no retraining); ``config.json`` and
+    ``results.json`` then hold the new config."""
+    from ..config import save_config
+
+    res, _ = _evaluate_last(run_dir, cfg, args, dataset_cache)
+    res.update({k: done[k] for k in ("method", "key", "cell", "seed", "steps", "checkpoint_step", "train",
+                                     "train_seconds_this_call") if k in done})
+    res.update({"config": cfg_dict,
                 "reevaluated_from": {k: v for k, v in done["config"]["model"].items() if k.startswith("det_")}})
     save_config(cfg, run_dir / "config.json")
     write_json(run_dir / "results.json", res, indent=2, default=str)
