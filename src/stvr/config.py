@@ -285,8 +285,8 @@ _RULES: dict[str, dict[str, str]] = {
         "box_positive_fraction": "prob", "box_fg_iou": "iou", "box_coder_weights": "pos",
         "rpn_loc_weight": "nonneg", "rpn_obj_weight": "nonneg", "box_loc_weight": "nonneg",
         "box_cls_weight": "nonneg", "det_nms_iou": "iou", "det_per_class": "pos",
-        "det_per_clip": "pos", "det_score_threshold": "prob", "det_box_voting": "prob", "iou_loss_weight": "nonneg",
-        "det_iou_power": "nonneg",
+        "det_per_clip": "pos", "det_score_threshold": "prob", "det_box_voting": "prob",
+        "iou_loss_weight": "nonneg", "det_iou_power": "nonneg",
     },
     "data": {
         "fps": "pos", "reference_seconds": "pos", "query_max_seconds": "pos",
