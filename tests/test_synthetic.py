@@ -392,17 +392,23 @@ def test_the_annotated_box_of_a_second_frames_the_actor_in_all_three_clips(seed)
     assert ious.min() >= 0.5 and ious.mean() >= 0.75, (ious.min(), ious.mean())
 
 
+def _benchmark(name: str):
+    """The module ``benchmarks/<name>.py`` (benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_bench_geometry_idealized_detectors(root):
     # benchmarks/bench_geometry.py: annotated boxes with a (near) perfect matcher score 100 %;
     # the per-clip tracker's middle clip is the annotated box, its outer clips drift by v / 3
-    import importlib.util
-
     from stvr.evaluation import frame_map
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_geometry.py"
-    spec = importlib.util.spec_from_file_location("bench_geometry", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark("bench_geometry")
     r, _ = root
     pairs = json.loads((r / "pairs" / "test.json").read_text())
     scripts = {s.video_id: s for s in SY.plan_dataset(TINY)[0]}
@@ -421,14 +427,9 @@ def test_bench_geometry_idealized_detectors(root):
 def test_bench_backbone_match_scores_every_annotated_actor(root):
     # benchmarks/bench_backbone_match.py: every annotated actor of every reference clip, at its
     # exact box, scored by a cosine; so actor recall is 1 and the chance row is the usual one
-    import importlib.util
-
     from stvr.evaluation import load_actors, match_diagnostics
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_backbone_match.py"
-    spec = importlib.util.spec_from_file_location("bench_backbone_match", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark("bench_backbone_match")
     r, _ = root
     pairs, dets, actors = bench.exact_box_detections(r, "builtin", "test")
     assert actors == load_actors(r)
