@@ -44,21 +44,14 @@ def clip_maps(root: Path, cfg, backbone, keys: list[tuple[str, int]], batch: int
     fps = int(info.get("fps", 24))
     cache = ClipCache(root / "cache", size=cfg.image_size, fps=fps)
     per_second = fps // cfg.clip_frames
-    clips, owners = [], []
+    clips = []
     for vid, sec in keys:
         frames = np.asarray(cache.frames(vid, resolve_video_path(root, info, vid), sec, sec + 1))
         clips.append(frames_to_clips(np.ascontiguousarray(frames), cfg.clip_frames)[:per_second])
-        owners.append((vid, sec))
-    out: dict = {}
     flat = torch.cat(clips)
-    maps = []
     with torch.no_grad():
-        for i in range(0, len(flat), batch):
-            maps.append(backbone(flat[i:i + batch]))
-    maps = torch.cat(maps).view(len(owners), per_second, *maps[0].shape[1:])
-    for k, key in enumerate(owners):
-        out[key] = maps[k]
-    return out
+        maps = torch.cat([backbone(flat[i:i + batch]) for i in range(0, len(flat), batch)])
+    return dict(zip(keys, maps.view(len(keys), per_second, *maps.shape[1:])))
 
 
 def crop_means(maps: torch.Tensor, boxes: np.ndarray, cfg) -> torch.Tensor:

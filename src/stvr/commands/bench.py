@@ -15,8 +15,9 @@ Runs live in ``<runs>/<method>-seed<k>/`` (checkpoints, logs and the run's
 ``results.json``). A run whose ``results.json`` matches the requested config is
 skipped; one whose config differs only in the detection post-processing
 (``model.det_*``; these runs do not validate, so training never reads them) is
-evaluated again from its last checkpoint; an unfinished one resumes from its last checkpoint, so the command can
-be killed and restarted at any time (e.g. in the background). After every run
+evaluated again from its last checkpoint; an unfinished one resumes from its last
+checkpoint, so the command can be killed and restarted at any time (e.g. in the
+background). After every run
 the aggregate table is rewritten: ``<out>/table1.md`` (mean ± sample standard
 deviation over seeds, in percent) and ``<out>/table1.json``.
 """

@@ -547,10 +547,14 @@ _SHADE_MUL = np.array([[1.0, 0.45], [1.0, 0.3]])
 _SHADE_ADD = np.array([[0.0, 0.0], [0.0, 178.5]])
 
 
-def _shade(rgb: np.ndarray) -> np.ndarray:
-    """Texel colours ``[..., K, 3]`` -> ``[..., 2, 2, K, 3]`` for every [rim state][rim?] pair."""
-    rgb = rgb[..., None, None, :, :]
-    return rgb * _SHADE_MUL[:, :, None, None] + _SHADE_ADD[:, :, None, None]
+def _shade(rgb: np.ndarray, states: np.ndarray | None = None) -> np.ndarray:
+    """Shaded texel colours for [rim?] (rim / spoke texel or not).
+
+    ``rgb [K, 3]`` -> ``[2, 2, K, 3]``: every [rim state][rim?] pair; with per-frame rim
+    ``states [F]`` (0 dark, 1 light), ``rgb [F, K, 3]`` -> ``[F, 2, K, 3]``: each frame's own state.
+    """
+    mul, add = (_SHADE_MUL, _SHADE_ADD) if states is None else (_SHADE_MUL[states], _SHADE_ADD[states])
+    return rgb[..., None, :, :] * mul[..., None, None] + add[..., None, None]
 
 
 def _draw_actor(out: np.ndarray, a: _Actor, tr: _ActorTrack, g: np.ndarray) -> None:
@@ -595,8 +599,7 @@ def _draw_actor(out: np.ndarray, a: _Actor, tr: _ActorTrack, g: np.ndarray) -> N
     if tr.color_active[g].any():                              # per-frame palettes [F, 2, T*T]
         m = _hue_matrices(tr.hue[g]).astype(f32)
         rot = a.texture.reshape(-1, 3) @ m.transpose(0, 2, 1)  # [F, T*T, 3]
-        shaded = rot[:, None] * _SHADE_MUL[state][:, :, None, None] + _SHADE_ADD[state][:, :, None, None]
-        pal = _pack(shaded).reshape(-1)                       # only the frame's own rim state
+        pal = _pack(_shade(rot, state)).reshape(-1)           # only the frame's own rim state
         texel += (np.arange(F, dtype=np.int32) * (2 * _TEX * _TEX))[:, None, None]
     else:                                                     # the 2 x 2 static palettes
         pal = tr.palette

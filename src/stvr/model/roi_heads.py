@@ -281,7 +281,8 @@ def postprocess_detections(logits: Tensor, codes: Tensor, boxes: Tensor, clip_in
     keep = keep[cls[keep] == match_class]
     boxes_out = dec[keep]
     if cfg.det_box_voting > 0 and keep.numel():
-        boxes_out = vote_boxes(boxes_out, clip[keep] * nc + cls[keep], dec, scores, clip * nc + cls,
+        voters = cls == match_class                                   # the kept boxes' own class
+        boxes_out = vote_boxes(boxes_out, clip[keep], dec[voters], scores[voters], clip[voters],
                                cfg.det_box_voting)
         boxes_out = clip_boxes_to_image(boxes_out, (size, size))     # a mean can round past the edge
     out = torch.cat([boxes_out / size, scores[keep, None]], dim=1)
