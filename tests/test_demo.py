@@ -9,6 +9,7 @@ import math
 
 import pytest
 
+from stvr.checkpoint import resolve_checkpoint
 from stvr.cli import main
 from stvr.commands import bench
 
@@ -44,7 +45,9 @@ def test_demo_end_to_end_and_rerun_reuses_the_run(tmp_path, capsys):
     assert set(res["figures"]) == {"training_curves", "label_distribution", "results", "warp_grid"}
     for path in res["figures"].values():
         assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    assert (out / "best.safetensors").exists() and (out / "val_log.csv").exists()
+    # the cpu preset keeps no best.* (train.keep_best=False): the run folder means its last checkpoint
+    assert not (out / "best.safetensors").exists() and (out / "val_log.csv").exists()
+    assert resolve_checkpoint(out)[0] == out / "last.safetensors"
     # a second run reuses the data set and the finished training run
     mtime = (out / "last.safetensors").stat().st_mtime_ns
     assert main(argv + ["--no-figures"]) == 0
@@ -82,6 +85,16 @@ def test_bench_table1_writes_tables_and_skips_finished_runs(tmp_path, capsys):
     assert again["train"] == json.loads(before)["train"] and again["checkpoint_step"] == 1
     cfg = json.loads((tmp_path / "runs" / "clip-seed0" / "config.json").read_text())
     assert cfg["model"]["det_box_voting"] == 0.5
+    # a run trained from other starting weights (e.g. the shipped weights of an older release) retrains
+    state_path = tmp_path / "runs" / "clip-seed0" / "last.json"
+    state = json.loads(state_path.read_text())
+    assert state["weights_sha256"]["backbone_weights"] is not None
+    state["weights_sha256"]["backbone_weights"] = "0" * 64
+    state_path.write_text(json.dumps(state))
+    assert main(argv + ["--set", "model.det_box_voting=0.5", "--set", "model.det_nms_iou=0.3"]) == 0
+    assert (tmp_path / "runs" / "clip-seed0" / "last.safetensors").stat().st_mtime_ns != mtime
+    assert json.loads(state_path.read_text())["weights_sha256"]["backbone_weights"] != "0" * 64
+    assert "reevaluated_from" not in json.loads((tmp_path / "runs" / "clip-seed0" / "results.json").read_text())
     # a change that training reads retrains
     assert not bench._only_postprocessing_differs(again["config"], {**again["config"], "model": {
         **again["config"]["model"], "box_fg_iou": 0.6}})

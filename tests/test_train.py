@@ -90,7 +90,7 @@ def _read_csv(path: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_short_training_reduces_loss_and_keeps_the_best_checkpoint(tmp_path):
-    cfg = _cfg("train.lr=0.01", "train.eval_every=10", "train.checkpoint_every=10")
+    cfg = _cfg("train.lr=0.01", "train.eval_every=10", "train.checkpoint_every=10", "train.keep_best=true")
     out = tmp_path / "run"
     summary = T.train(cfg, out, max_steps=30, train_set=PairsInMemory(8), val_set=PairsInMemory(2, seed=7),
                       progress=False)
@@ -110,6 +110,51 @@ def test_short_training_reduces_loss_and_keeps_the_best_checkpoint(tmp_path):
     assert best["best"]["map"] == pytest.approx(max(maps))
     assert summary["best_val_map"] == pytest.approx(max(maps)) and summary["best_step"] == best["step"]
     assert T.resolve_checkpoint(out)[0] == out / "best.safetensors"
+
+
+def test_keep_best_false_logs_validation_but_the_run_resolves_to_its_last_checkpoint(tmp_path):
+    cfg = _cfg("train.eval_every=2", "train.checkpoint_every=2", "train.keep_best=false")
+    out = tmp_path / "run"
+    summary = T.train(cfg, out, max_steps=4, train_set=PairsInMemory(4), val_set=PairsInMemory(2, seed=7),
+                      progress=False)
+    val = _read_csv(out / "val_log.csv")
+    assert [int(r["step"]) for r in val] == [2, 4]
+    assert not list(out.glob("best*"))
+    maps = [float(r["mAP@0.5"]) for r in val]
+    last = json.loads((out / "last.json").read_text())
+    assert last["step"] == 4 and last["best"]["map"] == pytest.approx(max(maps))
+    assert last["best"]["step"] == [2, 4][int(np.argmax(maps))] == summary["best_step"]
+    assert T.resolve_checkpoint(out)[0] == out / "last.safetensors"
+    assert preset("cpu").train.keep_best is False and preset("paper").train.keep_best is True
+
+
+def test_runs_are_reused_only_from_the_same_starting_weights(tmp_path):
+    import hashlib
+    import shutil
+
+    from stvr.backbones import BUILTIN_TINY_WEIGHTS
+    from stvr.checkpoint import weights_digests
+    from stvr.experiments import config_matches, weights_match
+
+    builtin = hashlib.sha256(BUILTIN_TINY_WEIGHTS.read_bytes()).hexdigest()
+    assert weights_digests(preset("cpu")) == {"backbone_weights": builtin, "i3d_weights": None}
+    assert weights_digests(preset("paper")) == {"backbone_weights": None, "i3d_weights": None}
+    mine = tmp_path / "mine.safetensors"
+    shutil.copyfile(BUILTIN_TINY_WEIGHTS, mine)
+    cfg = _cfg(f"model.backbone_weights={mine}")
+    out = tmp_path / "run"
+    assert not config_matches(out, cfg)                      # nothing there
+    T.train(cfg, out, max_steps=1, train_set=PairsInMemory(2), progress=False)
+    state = json.loads((out / "last.json").read_text())
+    assert state["weights_sha256"]["backbone_weights"] == builtin
+    assert config_matches(out, cfg) and weights_match(out, cfg)
+    # the same config, but the file it names now holds other weights: not the same run
+    mine.write_bytes(mine.read_bytes()[:-1] + b" ")
+    assert not config_matches(out, cfg) and not weights_match(out, cfg)
+    # a checkpoint written before the digests existed is taken as matching
+    del state["weights_sha256"]
+    (out / "last.json").write_text(json.dumps(state))
+    assert config_matches(out, cfg)
 
 
 def test_checkpoint_is_safetensors_plus_json_and_reloads(tmp_path):

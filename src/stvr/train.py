@@ -12,7 +12,8 @@ Files of a run folder ``out_dir``:
 - ``last.safetensors`` / ``last.optim.safetensors`` / ``last.json``: the latest
   checkpoint (weights, momentum buffers, step, RNG states, config);
   ``best.safetensors`` / ``best.json``: the checkpoint with the best validation
-  frame-mAP@0.5 (when validation runs). Their format and crash-consistent commit
+  frame-mAP@0.5 (when validation runs and ``train.keep_best``; ``last.json``
+  records that score and step in any case). Their format and crash-consistent commit
   are :mod:`stvr.checkpoint`'s.
 - ``config.json``: the run's config; ``train_log.csv`` and ``val_log.csv``;
   ``tensorboard/`` when the ``tensorboard`` package is installed.
@@ -295,7 +296,8 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True,
     backward, gradient-norm clipping at ``train.grad_clip_norm``, SGD update.
     Every ``train.log_every`` steps a row of ``train_log.csv``; every
     ``train.eval_every`` steps (> 0) validation frame-mAP at IoU 0.3/0.5/0.7, match
-    AUC and actor recall (``val_log.csv``; ``best.*`` kept for the best mAP@0.5); every
+    AUC and actor recall (``val_log.csv``; ``best.*`` kept for the best mAP@0.5 unless
+    ``train.keep_best`` is False); every
     ``train.checkpoint_every`` steps and at the end ``last.*``.
 
     Returns ``{"step", "loss", "best_val_map", "best_step", "seconds",
@@ -550,7 +552,7 @@ def _validate_and_keep_best(run: _Run, val_set: Dataset) -> None:
                        if k in scores)
         run.bar.write(f"step {run.step}: validation frame-mAP@0.5 = {m:.4f}{diag}")
     log.info("step %d: validation frame-mAP %s", run.step, scores)
-    if improved:
+    if improved and run.cfg.train.keep_best:
         save_checkpoint(run.out, CHECKPOINT_BEST, run.model, None, run.cfg, run.step,
                         {"best": _best_json(run.best)})
 
