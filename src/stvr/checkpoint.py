@@ -150,12 +150,45 @@ def save_checkpoint(out_dir: str | Path, name: str, model: nn.Module,
         fsync_write(out / f"{optim_file}.tmp", save(buffers, metadata=meta))
         state["optimizer"] = {"param_groups": groups}
     state["dataset"] = dataset_provenance(cfg)
+    state["weights_sha256"] = weights_digests(cfg)
     state.update(extra or {})
     part = out / f"{name}.json.part"
     fsync_write(part, (json.dumps(state, indent=1) + "\n").encode())
     os.replace(part, out / f"{name}.json.tmp")          # commit point
     recover_checkpoint(out, name)                       # rename into place
     return out / weights_file
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def weights_digests(cfg: Config) -> dict[str, str | None]:
+    """SHA-256 of the weight files a config starts from, stored in every checkpoint JSON under
+    ``"weights_sha256"``: ``{"backbone_weights": ..., "i3d_weights": ...}`` (None when the field
+    is unset or its file is missing). ``"builtin"`` names a file the package may replace in an
+    upgrade, so equal configs do not prove equal starting weights; these digests do."""
+    import hashlib
+
+    from .backbones import resolve_backbone_weights
+
+    out: dict[str, str | None] = {}
+    for name in ("backbone_weights", "i3d_weights"):
+        value = getattr(cfg.model, name)
+        path = None if value is None else resolve_backbone_weights(value) if name == "backbone_weights" \
+            else Path(value)
+        if path is None or not path.is_file():
+            out[name] = None
+            continue
+        st = path.stat()
+        key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+        if key not in _DIGESTS:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            _DIGESTS[key] = h.hexdigest()
+        out[name] = _DIGESTS[key]
+    return out
 
 
 _PROVENANCE: dict[str, dict[str, Any]] = {}

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from .utils import resolve_device
 
-__all__ = ["synth_config", "prepare_data", "run_config", "config_matches", "test_dataset",
+__all__ = ["synth_config", "prepare_data", "run_config", "config_matches", "weights_match", "test_dataset",
            "evaluate_model", "pct", "auc_text", "chance_map", "device_name"]
 
 
@@ -53,13 +53,29 @@ def run_config(preset_name: str, data_root: str | Path, seed: int, device: str,
 
 
 def config_matches(run_dir: Path, cfg) -> bool:
-    """Whether ``run_dir/config.json`` holds exactly ``cfg`` (so its checkpoints can be resumed)."""
+    """Whether ``run_dir/config.json`` holds exactly ``cfg`` and the run started from the same
+    weight files (:func:`weights_match`), so its checkpoints can be resumed or reused."""
     from .config import config_to_dict
 
     path = run_dir / "config.json"
     if not path.exists():
         return False
-    return json.loads(path.read_text()) == json.loads(json.dumps(config_to_dict(cfg)))
+    return (json.loads(path.read_text()) == json.loads(json.dumps(config_to_dict(cfg)))
+            and weights_match(run_dir, cfg))
+
+
+def weights_match(run_dir: Path, cfg) -> bool:
+    """Whether the run's ``last.json`` started from the weight files ``cfg`` names now
+    (:func:`stvr.checkpoint.weights_digests`; ``"builtin"`` may name other shipped weights after
+    an upgrade). True without a readable ``last.json`` (nothing to reuse) and for one written
+    before the digests existed."""
+    from .checkpoint import weights_digests
+
+    try:
+        stored = json.loads((run_dir / "last.json").read_text()).get("weights_sha256")
+    except (OSError, ValueError, AttributeError):
+        return True
+    return stored is None or stored == weights_digests(cfg)
 
 
 def test_dataset(cfg, split: str = "test"):

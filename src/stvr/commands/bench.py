@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..experiments import (chance_map, config_matches, device_name, evaluate_model, pct, prepare_data,
-                           run_config, test_dataset)
+                           run_config, test_dataset, weights_match)
 from ..utils import write_json
 
 # method key -> (paper name, model.cell, paper Table 1 frame-mAP@0.5 on AVA, on UCF-101-24)
@@ -99,6 +99,8 @@ def run_one(method: str, seed: int, args: argparse.Namespace, steps: int | None,
     run_dir = _run_dir(Path(args.runs), method, seed)
     cfg_dict = json.loads(json.dumps(config_to_dict(cfg)))
     done = _read_json(run_dir / "results.json")
+    if done is not None and not weights_match(run_dir, cfg):
+        done = None                       # trained from other weights (e.g. older shipped ones): retrain
     if done is not None and done.get("config") == cfg_dict:
         if "diagnostics" not in done:     # a run finished before the diagnostics existed
             _add_diagnostics(done, run_dir, cfg, dataset_cache)

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         cfg.train.batch_size //= procs        # per process; the step's batch stays the same
     resume = not args.fresh and config_matches(out, cfg)
     if not args.fresh and (out / "config.json").exists() and not resume:
-        print(f"      {out} holds a run of another config: training from scratch")
+        print(f"      {out} holds a run of another config or other starting weights: training from scratch")
     how = f"{procs} processes x {cfg.train.batch_size} pairs" if procs > 1 else device
     print(f"[2/4] training the {cfg.model.cell} model ({args.preset} preset, {steps} steps, "
           f"seed {args.seed}, {how}) -> {out}")
