@@ -74,6 +74,32 @@ def test_crop_features_emulates_tf_crop_and_resize():
     torch.testing.assert_close(pooled, F.max_pool2d(out, 2, 2))
 
 
+@pytest.mark.parametrize("gather_elements", [16 << 20, 1000])    # one chunk, and several
+def test_bilinear_roi_samples_equal_torchvision_roi_align(monkeypatch, gather_elements):
+    from torchvision.ops import roi_align
+
+    from stvr.model import query
+
+    monkeypatch.setattr(query, "_GATHER_ELEMENTS", gather_elements)
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(4, 5, 8, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    # boxes inside, across the border, wholly outside (zeros beyond [-1, n]), tiny, one cell wide
+    xy = torch.rand(40, 4, generator=g, dtype=torch.float64) * 12 - 2.5
+    boxes = torch.cat([xy[:, :2].minimum(xy[:, 2:]), xy[:, :2].maximum(xy[:, 2:])], 1)
+    boxes = torch.cat([boxes, torch.tensor([[-6.0, -6.0, -3.0, -2.0], [3.0, 2.0, 3.01, 2.02],
+                                            [0.0, 0.0, 7.0, 8.0]], dtype=torch.float64)])
+    idx = torch.randint(0, 4, (len(boxes),), generator=g)
+    upstream = torch.randn(len(boxes), 5, 6, 6, generator=g, dtype=torch.float64)
+    ref = roi_align(feats, torch.cat([idx[:, None].double(), boxes], 1), (6, 6), 1.0, 1, True)
+    (grad_ref,) = torch.autograd.grad((ref * upstream).sum(), feats)
+    out = query.bilinear_roi_samples(feats, boxes, idx, 6)
+    (grad,) = torch.autograd.grad((out * upstream).sum(), feats)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-12, atol=1e-12)
+    assert out[len(boxes) - 3].abs().max() == 0                  # wholly outside the map
+    assert query.bilinear_roi_samples(feats, boxes[:0], idx[:0], 6).shape == (0, 5, 6, 6)
+
+
 def test_anchors_official_grid():
     model = STVRModel(small_cfg(anchor_scales=(0.25, 0.5, 1.0, 2.0), anchor_aspect_ratios=(0.5, 1.0, 2.0)))
     anchors = model.anchors(6, 6, torch.device("cpu"))
