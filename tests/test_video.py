@@ -415,6 +415,34 @@ def test_clip_cache_end_of_video(tmp_path, vids):
         cache.frames("f24", path, 0.5, 2)
 
 
+def test_clip_cache_on_a_full_disk_warns_once_and_serves_decoded_frames(tmp_path, vids, monkeypatch, caplog):
+    from stvr.data import clip_cache
+
+    def full_disk(*args, **kwargs):
+        raise OSError("11796480 requested and 6291328 written")      # what np.save says on ENOSPC
+
+    monkeypatch.setattr(clip_cache, "_save_array", full_disk)
+    monkeypatch.setattr(clip_cache, "write_json", full_disk)
+    cache = V.ClipCache(tmp_path / "cache", size=8, fps=24, chunk_seconds=2)
+    path = vids["f24"]  # 4.0 s
+    full = V.read_frames(path, 0.0, 4.0, size=8)
+    with caplog.at_level("WARNING", logger="stvr.data.clip_cache"):
+        np.testing.assert_array_equal(cache.frames("f24", path, 1, 4), full[24:])
+        a = cache.frames("f24", path, 3, 5)            # past the end: the last frame repeated
+        np.testing.assert_array_equal(a[:24], full[72:])
+        assert (a[24:] == full[-1]).all()
+        assert (cache.frames("f24", path, 4, 5) == full[-1]).all()
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "cannot be written" in warnings[0] and "requested and" in warnings[0]
+    assert str(tmp_path / "cache") in warnings[0] and "MiB free" in warnings[0]
+    assert not cache.writable and cache.misses == 3 and not list((tmp_path / "cache").rglob("*.npy"))
+    # a cache folder that cannot even be created (read-only disk) works the same way
+    monkeypatch.setattr(V.ClipCache, "_new_entry", lambda self, d, p: full_disk())
+    other = V.ClipCache(tmp_path / "other", size=8, fps=24, chunk_seconds=2)
+    np.testing.assert_array_equal(other.frames("f24", path, 0, 4), full)
+    assert not other.writable and not (tmp_path / "other").exists()
+
+
 def test_clip_cache_concurrent_fill(tmp_path, vids):
     cache = V.ClipCache(tmp_path / "cache", size=16, fps=24, chunk_seconds=3)
     results, errors = {}, []

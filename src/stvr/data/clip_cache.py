@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -19,6 +20,8 @@ from ..utils import atomic_open, write_json
 from .decode import END_TOLERANCE, TIME_EPS, VideoError, check_video_file, decode_frames, read_frames
 
 __all__ = ["ClipCache"]
+
+log = logging.getLogger(__name__)
 
 
 def _save_array(path: Path, array: np.ndarray) -> None:
@@ -52,7 +55,10 @@ class ClipCache:
     files and pickles to workers.
 
     Disk use is ``S * S * 3 * fps`` bytes per cached second (1.2 MB at 128 px,
-    7.4 MB at 320 px, 24 fps).
+    7.4 MB at 320 px, 24 fps). When the cache cannot be written (a full disk, a
+    read-only folder) the object says so once (a logged warning naming the folder,
+    the error and the free space) and from then on serves decoded frames from
+    memory without writing: slower, but a training run does not fail on it.
 
     Args:
         cache_dir: folder of the cache (created on demand).
@@ -64,6 +70,7 @@ class ClipCache:
 
     Attributes:
         hits, misses: requests of this process served without / with decoding.
+        writable: False once a write failed (this process no longer writes).
     """
 
     def __init__(self, cache_dir: str | os.PathLike, size: int, fps: int = 24, chunk_seconds: int = 10,
@@ -81,6 +88,7 @@ class ClipCache:
         self.end_tolerance = float(end_tolerance)
         self.hits = 0
         self.misses = 0
+        self.writable = True
 
     def __repr__(self) -> str:
         return (f"ClipCache({str(self.cache_dir)!r}, size={self.size}, fps={self.fps}, "
@@ -120,23 +128,30 @@ class ClipCache:
             raise ValueError(f"need 0 <= start_second < end_second, got [{start}, {end})")
         p = check_video_file(path)
         d = self._entry(video_id, p, p.stat())
-        if not d.is_dir():
-            self._new_entry(d, p)
+        if not d.is_dir() and self.writable:
+            try:
+                self._new_entry(d, p)
+            except OSError as err:
+                self._stop_writing(err)
         C, fps = self.chunk_seconds, self.fps
         t_end = self._t_end(d)
         chunks = range(start // C, (end - 1) // C + 1)
         missing = [k for k in chunks if not self._chunk_path(d, k).is_file() and (t_end is None or k * C < t_end)]
+        held: dict[int, np.ndarray] = {}     # decoded chunks that could not be written
         if missing:
             self.misses += 1
-            t_end = self._fill(d, p, missing[0], missing[-1] + 1, t_end)
+            t_end = self._fill(d, p, missing[0], missing[-1] + 1, t_end, held)
         else:
             self.hits += 1
         parts = []
         for k in chunks:
             cp = self._chunk_path(d, k)
-            if not cp.is_file():
+            if k in held:
+                arr = held[k]
+            elif cp.is_file():
+                arr = np.load(cp, mmap_mode="r", allow_pickle=False)
+            else:
                 break  # past the end of the video
-            arr = np.load(cp, mmap_mode="r", allow_pickle=False)
             a = max(start - k * C, 0) * fps
             b = min(end - k * C, C) * fps
             piece = arr[a:b]
@@ -188,8 +203,10 @@ class ClipCache:
         except (ValueError, KeyError, TypeError, OSError):
             return None
 
-    def _fill(self, d: Path, path: Path, k0: int, k1: int, t_end: float | None) -> float | None:
-        """Decode chunks ``[k0, k1)`` in one pass and write them; returns the known end."""
+    def _fill(self, d: Path, path: Path, k0: int, k1: int, t_end: float | None,
+              held: dict[int, np.ndarray]) -> float | None:
+        """Decode chunks ``[k0, k1)`` in one pass and write them (into ``held`` when they cannot
+        be written); returns the known end."""
         C, fps = self.chunk_seconds, self.fps
         info: dict = {}
         gen = decode_frames(path, float(k0 * C), float(k1 * C), float(fps), self.size, pad=False,
@@ -201,25 +218,54 @@ class ClipCache:
             buf[m] = img
             m += 1
             if m == per:
-                if not self._chunk_path(d, k).is_file():
-                    _save_array(self._chunk_path(d, k), buf)
+                self._store(d, k, buf, held)
                 k, m = k + 1, 0
         if "t_end" in info:
             t_end = float(info["t_end"])
-            if m and not self._chunk_path(d, k).is_file():
-                _save_array(self._chunk_path(d, k), buf[:m])
-            write_json(d / "end.json", {"t_end": t_end})
+            if m:
+                self._store(d, k, buf[:m], held)
+            if self.writable:
+                try:
+                    write_json(d / "end.json", {"t_end": t_end})
+                except OSError as err:
+                    self._stop_writing(err)
         return t_end
+
+    def _store(self, d: Path, k: int, frames: np.ndarray, held: dict[int, np.ndarray]) -> None:
+        """Write chunk ``k`` unless it exists; keep a copy in ``held`` when it cannot be written."""
+        path = self._chunk_path(d, k)
+        if path.is_file():
+            return
+        if self.writable:
+            try:
+                _save_array(path, frames)
+                return
+            except OSError as err:
+                self._stop_writing(err)
+        held[k] = frames.copy()
+
+    def _stop_writing(self, err: OSError) -> None:
+        """Warn once and stop writing: the cache's disk is full or read-only."""
+        self.writable = False
+        where = self.cache_dir if self.cache_dir.exists() else self.cache_dir.parent
+        try:
+            free = f"{shutil.disk_usage(where).free / 2**20:.0f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        log.warning("clip cache %s cannot be written (%s; %s on its disk): frames are decoded without "
+                    "the cache from now on, which is slower; free some space or point data.cache at "
+                    "another folder", self.cache_dir, err, free)
 
     def _last_frame(self, d: Path, path: Path, t_end: float) -> np.ndarray:
         """The last frame of the video (for requests that start after its end)."""
         C, fps = self.chunk_seconds, self.fps
         k = max(int(math.ceil(t_end - TIME_EPS)) - 1, 0) // C
         cp = self._chunk_path(d, k)
+        held: dict[int, np.ndarray] = {}
         if not cp.is_file():
-            self._fill(d, path, k, k + 1, t_end)
-        if cp.is_file():
-            arr = np.load(cp, mmap_mode="r", allow_pickle=False)
+            self._fill(d, path, k, k + 1, t_end, held)
+        if k in held or cp.is_file():
+            arr = held[k] if k in held else np.load(cp, mmap_mode="r", allow_pickle=False)
             if arr.shape[0]:
                 return np.array(arr[-1])
         raise VideoError(f"{path}: no frame before its end at {t_end:.3f} s")
