@@ -174,8 +174,10 @@ def weights_digests(cfg: Config) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for name in ("backbone_weights", "i3d_weights"):
         value = getattr(cfg.model, name)
-        path = None if value is None else resolve_backbone_weights(value) if name == "backbone_weights" \
-            else Path(value)
+        if value is None:
+            path = None
+        else:
+            path = resolve_backbone_weights(value) if name == "backbone_weights" else Path(value)
         if path is None or not path.is_file():
             out[name] = None
             continue
