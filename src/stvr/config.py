@@ -211,8 +211,8 @@ def preset(name: str) -> Config:
                 eval_every=500,
                 # the last checkpoint, not the best of 2 validations on 35-55 pairs: on 3 of 6 seeds
                 # the best was an earlier step by a validation margin of 0.7-4.2 points, and each
-                # time the last one scored 4-5 points higher on test (never lower on the other 3,
-                # where best = last; benchmarks/README.md, sixth pass)
+                # time the last one scored 3-5 points higher on test (on the other 3, best = last;
+                # benchmarks/README.md, sixth pass)
                 keep_best=False,
                 checkpoint_every=50,
             ),

@@ -128,11 +128,8 @@ class ClipCache:
             raise ValueError(f"need 0 <= start_second < end_second, got [{start}, {end})")
         p = check_video_file(path)
         d = self._entry(video_id, p, p.stat())
-        if not d.is_dir() and self.writable:
-            try:
-                self._new_entry(d, p)
-            except OSError as err:
-                self._stop_writing(err)
+        if not d.is_dir():
+            self._try_write(self._new_entry, d, p)
         C, fps = self.chunk_seconds, self.fps
         t_end = self._t_end(d)
         chunks = range(start // C, (end - 1) // C + 1)
@@ -224,28 +221,25 @@ class ClipCache:
             t_end = float(info["t_end"])
             if m:
                 self._store(d, k, buf[:m], held)
-            if self.writable:
-                try:
-                    write_json(d / "end.json", {"t_end": t_end})
-                except OSError as err:
-                    self._stop_writing(err)
+            self._try_write(write_json, d / "end.json", {"t_end": t_end})
         return t_end
 
     def _store(self, d: Path, k: int, frames: np.ndarray, held: dict[int, np.ndarray]) -> None:
         """Write chunk ``k`` unless it exists; keep a copy in ``held`` when it cannot be written."""
         path = self._chunk_path(d, k)
-        if path.is_file():
-            return
-        if self.writable:
-            try:
-                _save_array(path, frames)
-                return
-            except OSError as err:
-                self._stop_writing(err)
-        held[k] = frames.copy()
+        if not path.is_file() and not self._try_write(_save_array, path, frames):
+            held[k] = frames.copy()
 
-    def _stop_writing(self, err: OSError) -> None:
-        """Warn once and stop writing: the cache's disk is full or read-only."""
+    def _try_write(self, write, *args) -> bool:
+        """``write(*args)`` while the cache is writable; on ``OSError`` warn once and stop
+        writing (the cache's disk is full or read-only). Returns whether it wrote."""
+        if not self.writable:
+            return False
+        try:
+            write(*args)
+            return True
+        except OSError as error:
+            err = error
         self.writable = False
         where = self.cache_dir if self.cache_dir.exists() else self.cache_dir.parent
         try:
@@ -255,6 +249,7 @@ class ClipCache:
         log.warning("clip cache %s cannot be written (%s; %s on its disk): frames are decoded without "
                     "the cache from now on, which is slower; free some space or point data.cache at "
                     "another folder", self.cache_dir, err, free)
+        return False
 
     def _last_frame(self, d: Path, path: Path, t_end: float) -> np.ndarray:
         """The last frame of the video (for requests that start after its end)."""

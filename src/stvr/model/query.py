@@ -52,6 +52,9 @@ def crop_features(features: Tensor, boxes: Tensor, batch_index: Tensor, crop_siz
     return F.max_pool2d(out, pool, pool) if pool > 1 else out
 
 
+_GATHER_ELEMENTS = 16 << 20   # bilinear_roi_samples gathers the maps of at most this many floats at once
+
+
 def _bilinear_weights(coords: Tensor, n: int) -> Tensor:
     """``[K, m]`` sample coordinates (cell units, cell ``i`` centred at ``i``) -> ``[K, m, n]``
     bilinear weights over the ``n`` cells, with ``roi_align``'s border rules: a sample outside
@@ -99,8 +102,6 @@ def bilinear_roi_samples(features: Tensor, rois: Tensor, batch_index: Tensor, si
         out.append(torch.matmul(wy[j, None], rows.reshape(n, c, h, size)))       # [n, C, size, size]
     return out[0] if len(out) == 1 else torch.cat(out)
 
-
-_GATHER_ELEMENTS = 16 << 20
 
 
 def crop_queries(features: Tensor, boxes: Tensor, crop_size: int, mapping: str = "tf",
