@@ -391,3 +391,33 @@ def test_feature_stride_8_model_runs_on_the_finer_map(cell):
     assert feats.shape[-2:] == (S // 8, S // 8)
     assert [len(d) for d in dets] == [3, 2]
     assert model.anchors(S // 8, S // 8, torch.device("cpu")).shape[0] == (S // 8) ** 2 * 12
+
+
+# What the cpu and paper presets set differently in the head (sizes stay small_cfg's)
+_PRESET_HEADS = {
+    "cpu": dict(roi_mapping="pixel", match_features="compare", match_cosine=True, box_add_gt=True),
+    "paper": dict(roi_mapping="tf", match_features="concat", match_cosine=False, box_add_gt=False),
+}
+_OPTIONS = [dict(head="binary"), dict(match_features="similarity"), dict(match_source="backbone"),
+            dict(iou_head=True), dict(freeze_backbone=True), dict(feature_stride=8)]
+_CASES = ([(head, cell, {}) for head in _PRESET_HEADS for cell in ["none", "conv", "warp", "traj", "flow"]]
+          + [(head, "warp", o) for head in _PRESET_HEADS for o in _OPTIONS])
+
+
+@pytest.mark.parametrize("head,cell,options", _CASES,
+                         ids=[f"{h}-{c}-" + ",".join(f"{k}={v}" for k, v in o.items()) for h, c, o in _CASES])
+def test_every_trainable_parameter_reaches_the_loss(head, cell, options):
+    """Multi-process training runs DDP without ``find_unused_parameters`` (train.py): each
+    trainable parameter must get a gradient in every step, also from a batch without positives."""
+    assert preset(head).model.match_features == _PRESET_HEADS[head]["match_features"]
+    model = build(cell=cell, **{**_PRESET_HEADS[head], **options}).train()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) > 10
+    for positives in (True, False):
+        batch = make_batch()
+        if not positives:
+            batch.gt_boxes = [[torch.zeros(0, 4)] * len(clips) for clips in batch.gt_boxes]
+            batch.gt_labels = [[torch.zeros(0, dtype=torch.long)] * len(clips) for clips in batch.gt_labels]
+        model.zero_grad(set_to_none=True)
+        model(batch)["loss"].backward()
+        assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == [], positives

@@ -435,3 +435,30 @@ def test_ddp_two_processes_gloo_resume_identical(tmp_path):
     assert len(state["rng_ranks"]) == 2
     # rank-0 logging only: one row per step
     assert [r["step"] for r in _read_csv(tmp_path / "full" / "train_log.csv")] == ["1", "2", "3"]
+
+
+def test_ddp_error_for_a_parameter_without_gradient_names_the_setting():
+    """DDP (find_unused_parameters off) fails at the step after a parameter missed the loss; the
+    error then names stvr's setting, not only torch's constructor argument."""
+    from types import SimpleNamespace
+
+    def ddp_forward(batch):
+        raise RuntimeError("Expected to have finished reduction in the prior iteration ... "
+                           "passing the keyword argument `find_unused_parameters=True` ...")
+
+    class Batch:
+        failures: list = []
+
+        def to(self, *a, **k):
+            return self
+
+    cfg = preset("cpu")
+    run = SimpleNamespace(cfg=cfg, dist_info=SimpleNamespace(world_size=2), device=torch.device("cpu"),
+                          model=ddp_forward, failures=0, step=7)
+    with pytest.raises(RuntimeError, match=r"step 7: .*train\.ddp_find_unused_parameters=true") as info:
+        T._train_step(run, Batch())
+    assert "find_unused_parameters=True" in str(info.value.__cause__)
+    cfg.train.ddp_find_unused_parameters = True            # already on: torch's own error, unchanged
+    with pytest.raises(RuntimeError, match="^Expected to have finished"):
+        T._train_step(run, Batch())
+    assert preset("paper").train.ddp_find_unused_parameters is False

@@ -134,6 +134,11 @@ class TrainConfig:
     checkpoint_every: int = 5_000
     seed: int = 0
     device: str = "auto"               # "auto" | "cpu" | "cuda" | "cuda:N"
+    # several processes (DDP): search each step's autograd graph for trainable parameters without a
+    # gradient. Off: every trainable parameter of every preset, cell and option reaches the loss,
+    # also in batches without positives (tests/test_model.py); on only for a model changed so that
+    # some do not (DDP then stops at the next step and names this setting)
+    ddp_find_unused_parameters: bool = False
 
 
 @dataclass

@@ -320,7 +320,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True,
     if dist_info.world_size > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True)
+            find_unused_parameters=tc.ddp_find_unused_parameters)
     end_step = total_steps if stop_after is None else min(total_steps, start_step + stop_after)
     loader = _make_loader(cfg, train_set, start_step, end_step, dist_info, device)
     run = _Run(cfg, out, dist_info, device, model, optimizer, end_step, progress,
@@ -493,7 +493,15 @@ def _train_step(run: _Run, batch: Any) -> tuple[dict[str, torch.Tensor] | None, 
         return None, None
     run.failures += len(batch.failures)
     batch = batch.to(run.device, non_blocking=True)
-    losses = run.model(batch)
+    try:
+        losses = run.model(batch)
+    except RuntimeError as e:  # DDP: a trainable parameter got no gradient in the previous step
+        if "find_unused_parameters" not in str(e) or tc.ddp_find_unused_parameters:
+            raise
+        raise RuntimeError(f"step {run.step}: a trainable parameter did not reach the loss in the "
+                           "previous step, which multi-process training needs; set "
+                           "train.ddp_find_unused_parameters=true (`--set "
+                           "train.ddp_find_unused_parameters=true`)") from e
     run.optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc.grad_clip_norm)
