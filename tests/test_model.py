@@ -221,21 +221,54 @@ def test_query_attention_is_per_pair():
     assert not torch.equal(a[1][0], b[1][0])
 
 
-def test_streaming_matches_batch_forward():
-    model = build(cell="conv").eval()
-    batch = make_batch(lengths=(5,), num_queries=(2,))
+@pytest.mark.parametrize("group,split", [(3, 3), (1, 2)])
+def test_streaming_matches_batch_forward(group, split):
+    model = build(cell="conv", match_clips=group).eval()
+    batch = make_batch(lengths=(7,), num_queries=(2,))
     full = model(batch)[0]
     q = model.encode_query(batch.query_clips, batch.query_boxes)
     ref = batch.reference_clips[0]
-    first, state = model.detect_clips(q, ref[:2])
-    second, state = model.detect_clips(q, ref[2:], state)
-    assert len(first) + len(second) == 5
+    first, state = model.detect_clips(q, ref[:split])
+    second, state = model.detect_clips(q, ref[split:], state)
+    assert len(first) + len(second) == 7 and state["clips"] == 7
     for d, e in zip(first + second, full):
         torch.testing.assert_close(d, e)
 
 
+def test_group_mean_averages_the_clips_of_a_group_per_pair():
+    from stvr.model.network import group_mean
+
+    maps = torch.arange(7, dtype=torch.float64).view(7, 1, 1, 1) ** 2
+    pair = torch.tensor([0, 0, 0, 0, 1, 1, 1])
+    time = torch.tensor([0, 1, 2, 3, 0, 1, 3])
+    out = group_mean(maps, pair, time, 3).flatten().tolist()
+    assert out == [5 / 3, 5 / 3, 5 / 3, 9.0, 41 / 2, 41 / 2, 36.0]
+    assert group_mean(maps, pair, time, 1) is maps
+    assert group_mean(maps, pair, time, 2).flatten().tolist() == [0.5, 0.5, 6.5, 6.5, 20.5, 20.5, 36.0]
+
+
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("comparison", [dict(match_cosine=True, match_features="concat"),
+                                        dict(match_cosine=False, match_features="compare"),
+                                        dict(match_cosine=False, match_features="similarity", match_source="backbone")],
+                         ids=["cosine", "compare", "similarity-backbone"])
+def test_match_comparisons_read_the_clips_of_their_group(group, comparison):
+    """Clip baseline (no cell): a clip's scores depend on the other clips only through the
+    proposal's crop mean over its group of ``model.match_clips`` clips, in the match cosine and
+    in the similarity / compare features alike."""
+    model = build(cell="none", match_clips=group, **comparison).eval()
+    batch = make_batch(lengths=(6,), num_queries=(1,))
+    before = model(batch)[0]
+    batch.reference_clips[0, 2] = torch.rand(3, 8, S, S, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    after = model(batch)[0]
+    for t in (0, 1):      # the same group as clip 2 when group = 3
+        assert torch.equal(before[t], after[t]) == (group == 1)
+    for t in (3, 4, 5):   # another group
+        torch.testing.assert_close(before[t], after[t])
+
+
 def test_flow_cell_streaming_uses_previous_clip():
-    model = build(cell="flow").eval()
+    model = build(cell="flow", match_clips=1).eval()
     batch = make_batch(lengths=(4,), num_queries=(1,))
     full = model(batch)[0]
     q = model.encode_query(batch.query_clips, batch.query_boxes)

@@ -174,7 +174,7 @@ def test_streaming_matches_one_pass(media):
         qf = model.encode_query(qclips, torch.tensor([[0.1, 0.3, 0.5, 0.7]], dtype=torch.float64).repeat(3, 1))
         whole, _ = model.detect_clips(qf, clips)
         state, parts = None, []
-        for chunk in clips.split(2):
+        for chunk in clips.split(3):    # chunks hold whole groups of model.match_clips (3)
             dets, state = model.detect_clips(qf, chunk, state=state)
             parts.extend(dets)
         assert len(parts) == len(whole) == 9
@@ -198,7 +198,8 @@ def test_relocalize_streams_in_chunks(media):
     model.detect_clips = spy
     kwargs = dict(device="cpu", progress=False, min_length=1, include_detections=True)
     chunked = R.relocalize(model, media["query_mp4"], "0.1,0.1,0.5,0.5", media["ref_mp4"], chunk_clips=2, **kwargs)
-    assert calls == [2, 2, 2, 1]                          # 2.5 s at 3 clips/s = 7 clips
+    # 2.5 s at 3 clips/s = 7 clips; 2 rounds up to the 3 clips of model.match_clips
+    assert model.cfg.match_clips == 3 and calls == [3, 3, 1]
     calls.clear()
     single = R.relocalize(model, media["query_mp4"], "0.1,0.1,0.5,0.5", media["ref_mp4"], chunk_clips=50, **kwargs)
     assert calls == [7]

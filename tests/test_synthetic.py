@@ -448,3 +448,9 @@ def test_bench_backbone_match_scores_every_annotated_actor(root):
     assert s["match_auc"] == pytest.approx(diag["match_auc"]) and 0.0 <= s["mAP"] <= 100.0
     # deterministic, random initialization included
     assert bench.score_root(r, "none", "test") == bench.score_root(r, "none", "test")
+    # --groups 3: one score per actor and second (the mean map of its 3 clips), not one per clip
+    _, grouped, _ = bench.exact_box_detections(r, "builtin", "test", group=3)
+    assert grouped != dets
+    for per_pair in grouped:
+        for j in range(0, len(per_pair), 3):
+            assert per_pair[j] == per_pair[j + 1] == per_pair[j + 2]

@@ -68,6 +68,11 @@ class ModelConfig:
                                        # (recurrent cell's output) | "backbone" (the clip's own backbone maps)
     match_cosine: bool = False         # add s * cos(proposal, attended query) to the match logit (backbone
                                        # crop means; s = exp(learned), starts at 10)
+    match_clips: int = 1               # the proposal's side of those comparisons (similarity / compare features,
+                                       # match cosine): its crop of the mean map of the group of this many
+                                       # consecutive reference clips that holds its clip (groups counted from the
+                                       # reference's first clip; 3 = the clips of a second at 24 fps, the unit
+                                       # the ground truth is annotated in; 1 = its own clip)
     # second stage
     head: str = "resnet"               # "resnet" (official block4 + 3-way softmax) | "binary" (paper text)
     head_mid_channels: int = 512       # bottleneck width of the head block
@@ -190,6 +195,10 @@ def preset(name: str) -> Config:
                 # query), s learned from 10: test frame-mAP@0.5 35.0 / 36.0 / 32.9 -> 36.2 / 46.2 /
                 # 40.2 on seeds 0 / 7 / 3 at 1000 steps (benchmarks/README.md, third pass)
                 match_cosine=True,
+                # both comparisons read the proposal's crop mean over the 3 clips of its second (its
+                # atoms and its annotation are per second): a single 1/3-second clip catches about
+                # one period of an atom and gives a noisy mean (benchmarks/README.md, seventh pass)
+                match_clips=3,
                 box_add_gt=True,
                 # the tiny model's boxes are coarse (8 x 8 feature cells): NMS at 0.4 instead of the
                 # official 0.6 drops the half-overlapping duplicates (chosen on the validation pairs of
@@ -293,7 +302,7 @@ _RULES: dict[str, dict[str, str]] = {
         "anchor_base_size": "pos", "anchor_scales": "pos", "anchor_aspect_ratios": "pos",
         "rpn_fg_iou": "iou", "rpn_bg_iou": "prob", "rpn_batch_per_clip": "pos",
         "rpn_positive_fraction": "prob", "rpn_nms_iou": "iou", "max_proposals": "pos",
-        "roi_crop_size": "pos", "attention_dim": "pos", "head_mid_channels": "pos",
+        "roi_crop_size": "pos", "attention_dim": "pos", "match_clips": "pos", "head_mid_channels": "pos",
         "head_out_channels": "pos", "head_blocks": "pos", "box_batch_per_clip": "pos",
         "box_positive_fraction": "prob", "box_fg_iou": "iou", "box_coder_weights": "pos",
         "rpn_loc_weight": "nonneg", "rpn_obj_weight": "nonneg", "box_loc_weight": "nonneg",

@@ -436,7 +436,8 @@ def relocalize(model: torch.nn.Module, query_path: str | Path, query_boxes: Any,
             (seconds) restrict the search (default: the whole video).
         device: "auto" (CUDA when available), "cpu", "cuda:0", ...
         progress: tqdm progress bar over reference clips.
-        chunk_clips: reference clips decoded and detected per step (bounds memory).
+        chunk_clips: reference clips decoded and detected per step (bounds memory); rounded up
+            to a multiple of ``model.match_clips`` (whose groups a chunk must not split).
         top_k: keep at most this many tubelets (None: all).
         link_iou, max_gap, min_length, tube_nms_iou, score_threshold: the
             :func:`stvr.tubes.link_detections` parameters (min_length in clips).
@@ -455,6 +456,8 @@ def relocalize(model: torch.nn.Module, query_path: str | Path, query_boxes: Any,
                           max_gap=max_gap, min_length=min_length, tube_nms_iou=tube_nms_iou)
     dev = resolve_device(device)
     model = model.to(dev).eval()
+    group = max(1, int(getattr(model.cfg, "match_clips", 1)))
+    chunk_clips = -(-int(chunk_clips) // group) * group
     size = int(model.cfg.image_size)
     if int(getattr(model.cfg, "clip_frames", CLIP_FRAMES)) != CLIP_FRAMES:
         raise ValueError(f"the model expects {model.cfg.clip_frames}-frame clips; relocalize uses {CLIP_FRAMES}")

@@ -55,6 +55,20 @@ def fuse_features(proposal: Tensor, query: Tensor, kind: str = "concat",
     return torch.cat(parts, dim=1)
 
 
+def group_mean(maps: Tensor, pair: Tensor, time: Tensor, clips: int) -> Tensor:
+    """Each of ``maps [N, ...]`` replaced by the mean of the maps of its group: the same pair
+    (``pair [N]``) and the same ``time // clips`` (``time [N]``: clip index in its reference).
+    ``clips=1`` returns ``maps`` itself."""
+    if clips <= 1 or maps.shape[0] == 0:
+        return maps
+    key = pair.to(torch.long) * (int(time.max()) // clips + 1) + time.to(torch.long) // clips
+    _, group = torch.unique(key, return_inverse=True)
+    n = int(group.max()) + 1
+    sums = maps.new_zeros(n, *maps.shape[1:]).index_add_(0, group, maps)
+    counts = torch.bincount(group, minlength=n).to(maps.dtype)
+    return (sums / counts.view(-1, *[1] * (maps.dim() - 1)))[group]
+
+
 class STVRModel(nn.Module):
     """Spatio-temporal video re-localization network (paper Fig. 5).
 
@@ -215,14 +229,15 @@ class STVRModel(nn.Module):
         return obj, deltas, anchors, proposals, valid
 
     def _second_stage(self, maps: Tensor, boxes: Tensor, clip_index: Tensor, clip_pair: Tensor,
-                      query_feats: Tensor, query_index: Tensor,
-                      backbone_maps: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+                      query_feats: Tensor, query_index: Tensor, compare_maps: Tensor | None,
+                      cosine_maps: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """Head on proposals ``boxes [K, 4]`` (pixels) of clips ``clip_index [K]`` of ``maps``.
 
-        ``clip_pair [N]`` is the pair of each map; ``backbone_maps [N, C, h, w]`` are the
-        backbone's maps of the same clips before the recurrent cell (read with
-        ``model.match_source="backbone"`` or ``model.match_cosine``). Returns logits, box codes
-        and the localization-quality logits ``[K]`` (None without ``model.iou_head``).
+        ``clip_pair [N]`` is the pair of each map. The proposal's side of the comparison with
+        the attended query is its crop mean of ``compare_maps [N, C, h, w]`` (None: of ``maps``
+        itself) in the similarity / compare features, and of ``cosine_maps`` in the match cosine
+        (:meth:`_match_maps`). Returns logits, box codes and the localization-quality logits
+        ``[K]`` (None without ``model.iou_head``).
         """
         cfg = self.cfg
 
@@ -233,15 +248,29 @@ class STVRModel(nn.Module):
         feats = crop(maps)
         attended = self.attention(feats, clip_pair[clip_index], query_feats, query_index)
         own_mean = None
-        if cfg.match_source == "backbone" or cfg.match_cosine:
-            own_mean = crop(backbone_maps).mean((2, 3), keepdim=True)
-        fused = fuse_features(feats, attended, cfg.match_features,
-                              own_mean if cfg.match_source == "backbone" else None)
+        if compare_maps is not None and cfg.match_features != "concat":
+            own_mean = crop(compare_maps).mean((2, 3), keepdim=True)
+        fused = fuse_features(feats, attended, cfg.match_features, own_mean)
         logits, codes, iou = self.head.forward_with_iou(fused)
         if cfg.match_cosine:
+            if own_mean is None or cosine_maps is not compare_maps:
+                own_mean = crop(cosine_maps).mean((2, 3), keepdim=True)
             cos = torch.cosine_similarity(own_mean.flatten(1), attended.mean((2, 3)), dim=1, eps=1e-6)
             logits = self.head.add_match_cosine(logits, cos)
         return logits, codes, iou
+
+    def _match_maps(self, maps: Tensor, backbone_maps: Tensor, pair: Tensor,
+                    time: Tensor) -> tuple[Tensor | None, Tensor]:
+        """``(compare_maps, cosine_maps)`` for :meth:`_second_stage` from the clips' maps after
+        (``maps``) and before (``backbone_maps``) the recurrent cell, each ``[N, C, h, w]`` of pair
+        ``pair [N]`` at clip ``time [N]`` of its reference: the maps of ``model.match_source``
+        and the backbone's, each averaged over the clip's group of ``model.match_clips`` clips
+        (:func:`group_mean`); ``compare_maps`` is None for the propagated clip's own map."""
+        clips = self.cfg.match_clips
+        cosine_maps = group_mean(backbone_maps, pair, time, clips)
+        if self.cfg.match_source == "backbone":
+            return cosine_maps, cosine_maps
+        return (group_mean(maps, pair, time, clips) if clips > 1 else None), cosine_maps
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: PairBatch) -> dict[str, Tensor] | list[list[Tensor]]:
@@ -272,9 +301,10 @@ class STVRModel(nn.Module):
         maps, _ = self.propagate(grid, None, flows)
         maps = maps[pair_idx, time_idx]                           # [N, C, h, w] real clips
         backbone_maps = feats[nq:]                                # the same clips before the cell
+        compare_maps, cosine_maps = self._match_maps(maps, backbone_maps, pair_idx, time_idx)
         query_index = batch.query_index.to(device=maps.device, dtype=torch.long)
         if not self.training:
-            dets = self._detect(maps, pair_idx, query_feats, query_index, backbone_maps)
+            dets = self._detect(maps, pair_idx, query_feats, query_index, compare_maps, cosine_maps)
             counts = lengths.tolist()
             out, start = [], 0
             for c in counts:
@@ -284,14 +314,15 @@ class STVRModel(nn.Module):
         gt_boxes = [batch.gt_boxes[int(i)][int(t)] for i, t in zip(pair_idx.tolist(), time_idx.tolist())]
         gt_labels = [batch.gt_labels[int(i)][int(t)] for i, t in zip(pair_idx.tolist(), time_idx.tolist())]
         return self._losses(maps, pair_idx, query_feats, query_index, gt_boxes, gt_labels,
-                            total_clips=b * max(length, batch.loss_clips or 0), backbone_maps=backbone_maps)
+                            total_clips=b * max(length, batch.loss_clips or 0), compare_maps=compare_maps,
+                            cosine_maps=cosine_maps)
 
     def _losses(self, maps: Tensor, clip_pair: Tensor, query_feats: Tensor, query_index: Tensor,
                 gt_boxes: list[Tensor], gt_labels: list[Tensor], total_clips: int,
-                backbone_maps: Tensor) -> dict[str, Tensor]:
-        """The loss dict of the real clips' ``maps [N, C, h, w]`` (pair ``clip_pair [N]``; their
-        maps before the cell ``backbone_maps``) with their ground truth: the RPN's (:mod:`.rpn`)
-        and the matching head's (:mod:`.roi_heads`)."""
+                compare_maps: Tensor | None, cosine_maps: Tensor) -> dict[str, Tensor]:
+        """The loss dict of the real clips' ``maps [N, C, h, w]`` (pair ``clip_pair [N]``;
+        ``compare_maps``, ``cosine_maps`` as in :meth:`_second_stage`) with their ground truth:
+        the RPN's (:mod:`.rpn`) and the matching head's (:mod:`.roi_heads`)."""
         cfg = self.cfg
         gtb, gtl, gtv = pad_boxes(gt_boxes, gt_labels, maps.device)
         gtb = gtb * self.image_size
@@ -300,7 +331,7 @@ class STVRModel(nn.Module):
         rpn_obj, rpn_box = rpn_losses(obj, deltas, rpn_t)
         box_t = box_targets(proposals, pvalid, gtb, gtl, gtv, self.box_coder, cfg, total_clips, maps.dtype)
         logits, codes, iou_logits = self._second_stage(maps, box_t.boxes, box_t.clip_index, clip_pair,
-                                                       query_feats, query_index, backbone_maps)
+                                                       query_feats, query_index, compare_maps, cosine_maps)
         box_cls, box_reg = box_losses(logits, codes, box_t, self.head.binary)
         total = (cfg.rpn_obj_weight * rpn_obj + cfg.rpn_loc_weight * rpn_box
                  + cfg.box_cls_weight * box_cls + cfg.box_loc_weight * box_reg)
@@ -313,14 +344,14 @@ class STVRModel(nn.Module):
 
     @torch.no_grad()
     def _detect(self, maps: Tensor, clip_pair: Tensor, query_feats: Tensor, query_index: Tensor,
-                backbone_maps: Tensor) -> list[Tensor]:
+                compare_maps: Tensor | None, cosine_maps: Tensor) -> list[Tensor]:
         """Detections ``[K, 5]`` (normalized xyxy + query-match score) for each map of ``maps [N, C, h, w]``
-        (``backbone_maps``: the same clips before the recurrent cell)."""
+        (``compare_maps``, ``cosine_maps``: as in :meth:`_second_stage`)."""
         _, _, _, proposals, pvalid = self._proposals(maps)
         clip_index, slot = pvalid.nonzero(as_tuple=True)
         boxes = proposals[clip_index, slot]
         logits, codes, iou_logits = self._second_stage(maps, boxes, clip_index, clip_pair, query_feats,
-                                                       query_index, backbone_maps)
+                                                       query_index, compare_maps, cosine_maps)
         return postprocess_detections(logits, codes, boxes, clip_index, maps.shape[0], self.head.binary,
                                       self.box_coder, self.cfg, self.image_size, iou_logits)
 
@@ -337,7 +368,12 @@ class STVRModel(nn.Module):
                 by default the last clip of the previous chunk kept in ``state``.
         Returns:
             (per clip ``[K, 5]`` normalized ``[x1, y1, x2, y2, score]``, new state).
-            The state is a dict ``{"cell": cell state, "previous_clip": last clip}``.
+            The state is a dict ``{"cell": cell state, "previous_clip": last clip,
+            "clips": clips seen so far}``.
+
+        The groups of ``model.match_clips`` clips are counted from the first clip of the
+        stream, and a group is averaged over its clips in the chunk: chunks of a multiple of
+        ``match_clips`` clips give exactly the detections of one batch forward.
         """
         state = state or {}
         if previous_clip is None:
@@ -348,8 +384,11 @@ class STVRModel(nn.Module):
         maps = maps[0]
         pairs = torch.zeros(maps.shape[0], dtype=torch.long, device=maps.device)
         qidx = torch.zeros(query_features.shape[0], dtype=torch.long, device=maps.device)
-        dets = self._detect(maps, pairs, query_features, qidx, feats[0])
-        return dets, {"cell": cell_state, "previous_clip": reference_clips[-1]}
+        seen = int(state.get("clips", 0))
+        time = torch.arange(seen, seen + maps.shape[0], device=maps.device)
+        compare_maps, cosine_maps = self._match_maps(maps, feats[0], pairs, time)
+        dets = self._detect(maps, pairs, query_features, qidx, compare_maps, cosine_maps)
+        return dets, {"cell": cell_state, "previous_clip": reference_clips[-1], "clips": seen + maps.shape[0]}
 
     def stage_modules(self) -> dict[str, nn.Module | None]:
         """The stages whose parameters ``stvr model info`` counts."""
