@@ -330,7 +330,8 @@ def test_match_source_backbone_compares_the_clips_own_features(monkeypatch):
     batch = make_batch()
     for source in ("propagated", "backbone"):
         torch.manual_seed(0)
-        model = STVRModel(small_cfg(cell="conv", match_features="similarity", match_source=source)).eval()
+        model = STVRModel(small_cfg(cell="conv", match_features="similarity", match_source=source,
+                                    match_clips=1)).eval()      # per clip (match_clips: test_model.py)
         with torch.no_grad():
             model(batch)
         prop_mean, own_mean = seen["similarity"]
@@ -365,9 +366,9 @@ def test_match_cosine_adds_a_learned_scale_times_the_cosine_to_the_match_logit()
     clip_index, clip_pair = torch.tensor([0, 1, 2]), torch.tensor([0, 0, 1])
     qf, qi = torch.randn(3, 16, 7, 7), torch.tensor([0, 0, 1])
     torch.manual_seed(1)
-    a = with_cos._second_stage(maps, boxes, clip_index, clip_pair, qf, qi, feats)[0]
+    a = with_cos._second_stage(maps, boxes, clip_index, clip_pair, qf, qi, None, feats)[0]
     torch.manual_seed(1)
-    b = plain._second_stage(maps, boxes, clip_index, clip_pair, qf, qi, feats)[0]
+    b = plain._second_stage(maps, boxes, clip_index, clip_pair, qf, qi, None, feats)[0]
     torch.testing.assert_close(a[:, :-1], b[:, :-1])
     # by hand: cosine between the backbone crop mean of the proposal and the attended query's mean
     own = crop_features(feats, boxes / with_cos.image_size, clip_index, 14, mapping="pixel",
