@@ -41,3 +41,16 @@ def test_config_json_round_trip(tmp_path):
     d["model"]["bogus"] = 1
     with pytest.raises(ValueError, match="bogus"):
         config_from_dict(json.loads(json.dumps(d)))
+
+
+def test_configs_written_before_match_clips_keep_the_per_clip_head():
+    """A checkpoint's config from before ``model.match_clips`` existed reloads as it was trained
+    (1: each clip's own crop), while the cpu preset now reads the 3 clips of a second."""
+    from stvr.config import validate_config
+
+    d = config_to_dict(preset("cpu"))
+    assert d["model"].pop("match_clips") == 3
+    assert config_from_dict(d).model.match_clips == 1
+    assert preset("paper").model.match_clips == 1
+    with pytest.raises(ValueError, match="match_clips"):
+        validate_config(apply_overrides(preset("cpu"), ["model.match_clips=0"]))
