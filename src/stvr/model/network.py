@@ -230,7 +230,7 @@ class STVRModel(nn.Module):
 
     def _second_stage(self, maps: Tensor, boxes: Tensor, clip_index: Tensor, clip_pair: Tensor,
                       query_feats: Tensor, query_index: Tensor, compare_maps: Tensor | None,
-                      cosine_maps: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+                      cosine_maps: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Head on proposals ``boxes [K, 4]`` (pixels) of clips ``clip_index [K]`` of ``maps``.
 
         ``clip_pair [N]`` is the pair of each map. The proposal's side of the comparison with
@@ -247,9 +247,7 @@ class STVRModel(nn.Module):
 
         feats = crop(maps)
         attended = self.attention(feats, clip_pair[clip_index], query_feats, query_index)
-        own_mean = None
-        if compare_maps is not None and cfg.match_features != "concat":
-            own_mean = crop(compare_maps).mean((2, 3), keepdim=True)
+        own_mean = None if compare_maps is None else crop(compare_maps).mean((2, 3), keepdim=True)
         fused = fuse_features(feats, attended, cfg.match_features, own_mean)
         logits, codes, iou = self.head.forward_with_iou(fused)
         if cfg.match_cosine:
@@ -260,16 +258,20 @@ class STVRModel(nn.Module):
         return logits, codes, iou
 
     def _match_maps(self, maps: Tensor, backbone_maps: Tensor, pair: Tensor,
-                    time: Tensor) -> tuple[Tensor | None, Tensor]:
+                    time: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """``(compare_maps, cosine_maps)`` for :meth:`_second_stage` from the clips' maps after
         (``maps``) and before (``backbone_maps``) the recurrent cell, each ``[N, C, h, w]`` of pair
         ``pair [N]`` at clip ``time [N]`` of its reference: the maps of ``model.match_source``
         and the backbone's, each averaged over the clip's group of ``model.match_clips`` clips
-        (:func:`group_mean`); ``compare_maps`` is None for the propagated clip's own map."""
-        clips = self.cfg.match_clips
-        cosine_maps = group_mean(backbone_maps, pair, time, clips)
-        if self.cfg.match_source == "backbone":
-            return cosine_maps, cosine_maps
+        (:func:`group_mean`). Only what the head reads is computed: ``compare_maps`` is None
+        with the concat features or for the propagated clip's own map, ``cosine_maps`` None
+        without ``model.match_cosine``."""
+        cfg, clips = self.cfg, self.cfg.match_clips
+        cosine_maps = group_mean(backbone_maps, pair, time, clips) if cfg.match_cosine else None
+        if cfg.match_features == "concat":
+            return None, cosine_maps
+        if cfg.match_source == "backbone":
+            return (group_mean(backbone_maps, pair, time, clips) if cosine_maps is None else cosine_maps), cosine_maps
         return (group_mean(maps, pair, time, clips) if clips > 1 else None), cosine_maps
 
     # ------------------------------------------------------------------ forward
@@ -319,7 +321,7 @@ class STVRModel(nn.Module):
 
     def _losses(self, maps: Tensor, clip_pair: Tensor, query_feats: Tensor, query_index: Tensor,
                 gt_boxes: list[Tensor], gt_labels: list[Tensor], total_clips: int,
-                compare_maps: Tensor | None, cosine_maps: Tensor) -> dict[str, Tensor]:
+                compare_maps: Tensor | None, cosine_maps: Tensor | None) -> dict[str, Tensor]:
         """The loss dict of the real clips' ``maps [N, C, h, w]`` (pair ``clip_pair [N]``;
         ``compare_maps``, ``cosine_maps`` as in :meth:`_second_stage`) with their ground truth:
         the RPN's (:mod:`.rpn`) and the matching head's (:mod:`.roi_heads`)."""
@@ -344,7 +346,7 @@ class STVRModel(nn.Module):
 
     @torch.no_grad()
     def _detect(self, maps: Tensor, clip_pair: Tensor, query_feats: Tensor, query_index: Tensor,
-                compare_maps: Tensor | None, cosine_maps: Tensor) -> list[Tensor]:
+                compare_maps: Tensor | None, cosine_maps: Tensor | None) -> list[Tensor]:
         """Detections ``[K, 5]`` (normalized xyxy + query-match score) for each map of ``maps [N, C, h, w]``
         (``compare_maps``, ``cosine_maps``: as in :meth:`_second_stage`)."""
         _, _, _, proposals, pvalid = self._proposals(maps)
