@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from stvr.backbones import build_backbone
-from stvr.config import preset
+from stvr.config import apply_overrides, preset
 from stvr.data.clip_cache import ClipCache
 from stvr.data.pairs import load_dataset_json, load_pairs, resolve_video_path
 from stvr.data.video import frames_to_clips
@@ -65,12 +65,14 @@ def crop_means(maps: torch.Tensor, boxes: np.ndarray, cfg) -> torch.Tensor:
     return crops.mean((2, 3))
 
 
-def exact_box_detections(root: Path, weights: str, split: str, group: int = 1) -> tuple[list, list, dict]:
+def exact_box_detections(root: Path, weights: str, split: str, group: int = 1,
+                         overrides: tuple[str, ...] = ()) -> tuple[list, list, dict]:
     """``(pairs, detections, actors)``: every annotated actor of every reference clip at its exact
     box, scored by the cosine of its crop mean with the query's mean crop (API.md section 4).
     ``group=3``: the actor's crop mean is averaged over the 3 clips of its second (at the second's
-    box), as the cpu preset's ``model.match_clips``."""
-    cfg = preset("cpu").model
+    box), as the cpu preset's ``model.match_clips``. ``overrides``: ``--set`` strings applied to the
+    cpu preset (e.g. ``model.tiny_width=32`` for the weights of a wider backbone)."""
+    cfg = apply_overrides(preset("cpu"), overrides).model
     info = load_dataset_json(root)
     cfg.backbone_weights = None if weights == "none" else weights
     torch.manual_seed(0)                      # the random initialization of "none"
@@ -105,9 +107,9 @@ def exact_box_detections(root: Path, weights: str, split: str, group: int = 1) -
     return pairs, detections, actors
 
 
-def score_root(root: Path, weights: str, split: str, group: int = 1) -> dict:
+def score_root(root: Path, weights: str, split: str, group: int = 1, overrides: tuple[str, ...] = ()) -> dict:
     """Frame-mAP@0.5, match AUC and chance frame-mAP (percent) of :func:`exact_box_detections`."""
-    pairs, detections, actors = exact_box_detections(root, weights, split, group)
+    pairs, detections, actors = exact_box_detections(root, weights, split, group, overrides)
     per_second = len(detections[0]) // max(1, pairs[0]["reference"]["end"] - pairs[0]["reference"]["start"])
     fm = frame_map(pairs, detections, 0.5, per_second)
     diag = match_diagnostics(pairs, detections, actors, 0.5, per_second)
@@ -125,12 +127,14 @@ def main() -> None:
     ap.add_argument("--groups", nargs="+", type=int, default=[1],
                     help="clips whose mean map scores a reference box (1: its own clip; 3: the clips of "
                          "its second, as model.match_clips=3); one table row per value")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a cpu-preset field for every --weights (e.g. model.tiny_width=32)")
     ap.add_argument("--tag", default="", help="suffix of the results file")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results: dict = {"split": args.split, "runs": []}
+    results: dict = {"split": args.split, "overrides": args.overrides, "runs": []}
     t0 = time.perf_counter()
     print("| weights | clips | root | frame-mAP@0.5 | match AUC | chance | x chance |\n"
           "|---|---:|---|---:|---:|---:|---:|")
@@ -138,7 +142,7 @@ def main() -> None:
         for g in args.groups:
             row = []
             for root in args.roots:
-                r = score_root(root, w, args.split, g)
+                r = score_root(root, w, args.split, g, tuple(args.overrides))
                 r.update(weights=w, root=str(root), clips=g)
                 results["runs"].append(r)
                 row.append(r)

@@ -454,3 +454,26 @@ def test_bench_backbone_match_scores_every_annotated_actor(root):
     for per_pair in grouped:
         for j in range(0, len(per_pair), 3):
             assert per_pair[j] == per_pair[j + 1] == per_pair[j + 2]
+
+
+def test_bench_backbone_match_overrides_reach_the_backbone(root, tmp_path):
+    # --set: weights of another backbone shape load only with the matching override (a random
+    # width-8 backbone saved as a file), and a changed RoI mapping changes the scores
+    import safetensors.torch
+    import torch
+
+    from stvr.backbones.tiny import TinyBackbone
+
+    bench = _benchmark("bench_backbone_match")
+    r, _ = root
+    torch.manual_seed(1)
+    path = tmp_path / "w8.safetensors"
+    safetensors.torch.save_file(TinyBackbone(8, 64).state_dict(), str(path))
+    with pytest.raises(ValueError, match="does not fit"):
+        bench.exact_box_detections(r, str(path), "test")
+    _, dets8, _ = bench.exact_box_detections(r, str(path), "test", overrides=("model.tiny_width=8",))
+    _, dets, _ = bench.exact_box_detections(r, "none", "test")
+    assert len(dets8) == len(dets) and dets8 != dets
+    _, tf, _ = bench.exact_box_detections(r, "none", "test", overrides=("model.roi_mapping=tf",))
+    assert tf != dets
+    assert [[[row[:4] for row in c] for c in p] for p in tf] == [[[row[:4] for row in c] for c in p] for p in dets]
