@@ -16,7 +16,8 @@ seeds before the end-to-end training (``stvr demo``, ~8 minutes a seed):
         --weights builtin runs/other.safetensors --split val
 
 ``--groups 1 3``: also score each box by the mean map of the 3 clips of its second (the cpu
-preset's ``model.match_clips=3``) instead of its own clip's.
+preset's ``model.match_clips=3``) instead of its own clip's. ``--set model.tiny_width=32``:
+cpu-preset overrides for every ``--weights`` (e.g. for the weights of a wider backbone).
 
 Prints a Markdown table and writes ``benchmarks/results/bench_backbone_match[-TAG].json``.
 """
