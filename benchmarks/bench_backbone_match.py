@@ -96,14 +96,15 @@ def exact_box_detections(root: Path, weights: str, split: str, group: int = 1,
         dets = []
         for s in range(ref["start"], ref["end"]):
             boxes = np.asarray(actors.get((ref["id"], s), []), np.float32).reshape(-1, 4)
-            for j in range(per_second):
+            for first in range(0, per_second, group):      # one score per box and group of clips
+                size = min(group, per_second - first)
                 if len(boxes) == 0:
-                    dets.append([])
+                    dets.extend([] for _ in range(size))
                     continue
-                first = j // group * group
-                m = maps[(ref["id"], s)][first:first + group].mean(0).expand(len(boxes), -1, -1, -1)
+                m = maps[(ref["id"], s)][first:first + size].mean(0).expand(len(boxes), -1, -1, -1)
                 cos = F.normalize(crop_means(m, boxes, cfg), dim=1) @ qvec
-                dets.append([[*map(float, b), float(c)] for b, c in zip(boxes, cos)])
+                rows = [[*map(float, b), float(c)] for b, c in zip(boxes, cos)]
+                dets.extend([list(r) for r in rows] for _ in range(size))
         detections.append(dets)
     return pairs, detections, actors
 
