@@ -477,3 +477,73 @@ def test_bench_backbone_match_overrides_reach_the_backbone(root, tmp_path):
     _, tf, _ = bench.exact_box_detections(r, "none", "test", overrides=("model.roi_mapping=tf",))
     assert tf != dets
     assert [[[row[:4] for row in c] for c in p] for p in tf] == [[[row[:4] for row in c] for c in p] for p in dets]
+
+
+def test_bench_cell_ablation_zero_warp_and_no_memory():
+    # benchmarks/bench_cell_ablation.py: "zero_warp" leaves the state where it is (the warp
+    # cell's output is its ConvLSTM update of the unwarped state), "no_memory" makes the output
+    # independent of the state; both are undone on exit, and do not apply where there is no warp
+    import types
+
+    import torch
+
+    from stvr.recurrent import build_cell
+
+    bench = _benchmark("bench_cell_ablation")
+    torch.manual_seed(0)
+    cell = build_cell("warp", 4, 4, bottleneck=3).double()
+    with torch.no_grad():
+        cell.offset.bias.copy_(torch.tensor([1.5, -2.0]))        # a real displacement
+    x, h, c = (torch.randn(2, 4, 12, 12, dtype=torch.float64) for _ in range(3))
+    model = types.SimpleNamespace(cell=cell)
+    warped, _ = cell(x, (h, c))
+    unwarped, _ = cell.update(x, h, c)
+    fresh, _ = cell(x, None)
+    assert not torch.allclose(warped, unwarped) and not torch.allclose(warped, fresh)
+    with bench.ablated(model, "zero_warp") as applies:
+        assert applies
+        out, _ = cell(x, (h, c))
+        torch.testing.assert_close(out, unwarped, rtol=0, atol=1e-12)
+        assert torch.equal(cell.last_offsets, torch.zeros(2, 9, 2, dtype=torch.float64))
+    with bench.ablated(model, "no_memory") as applies:
+        assert applies
+        out, _ = cell(x, (h, c))
+        assert torch.equal(out, fresh)
+    assert torch.equal(cell(x, (h, c))[0], warped)                  # both undone
+    with bench.ablated(types.SimpleNamespace(cell=build_cell("conv", 4, 4)), "zero_warp") as applies:
+        assert not applies
+    with bench.ablated(types.SimpleNamespace(cell=None), "no_memory") as applies:
+        assert not applies
+    with pytest.raises(ValueError, match="unknown ablation"):
+        with bench.ablated(model, "nothing"):
+            pass
+
+
+def test_bench_atoms_splits_the_probe_auc_by_held_out_and_training_labels():
+    # benchmarks/bench_atoms.py: per-atom AUC over held-out-label actors and over the others,
+    # and the mean probability of each atom per combined label, on a hand-built case
+    bench = _benchmark("bench_atoms")
+    ids = [1, 2, 3]
+    targets = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 1], [0, 0, 1], [1, 1, 0], [0, 1, 1]], dtype=np.float32)
+    assert bench.combined_labels(targets, ids) == [(1,), (1, 2), (2, 3), (3,), (1, 2), (2, 3)]
+    scores = np.where(targets > 0, 2.0, -2.0)
+    scores[2, 0] = 3.0              # held-out actor 2 (label 2+3) looks like atom 1 too
+    r = bench.auc_by_label_kind(scores, targets, ids, heldout={(2, 3)})
+    assert r["heldout_share"] == pytest.approx(2 / 6)
+    # seen actors 0, 1, 3, 4: every atom perfectly ranked
+    assert r["seen"] == [1.0, 1.0, 1.0]
+    # held-out actors 2, 5 (both 2+3): atoms 2 and 3 positive in both, atom 1 negative in both
+    assert all(np.isnan(v) for v in r["heldout"])
+    r = bench.auc_by_label_kind(scores, targets, ids, heldout={(2, 3), (3,)})
+    # held-out actors 2, 3, 5: atom 2 positive in 2 and 5 (scores 2, 2) vs 3 (-2): AUC 1;
+    # atom 1 negative everywhere: NaN; seen actors 0, 1, 4: atom 3 negative everywhere: NaN
+    assert r["heldout"][1] == 1.0 and np.isnan(r["heldout"][0]) and np.isnan(r["seen"][2])
+    scores2 = scores.copy()
+    scores2[0, 0] = -3.0            # seen actor 0 (label 1) no longer named atom 1
+    r2 = bench.auc_by_label_kind(scores2, targets, ids, heldout={(2, 3)})
+    assert r2["seen"][0] == pytest.approx(2 / 3)     # 1 of 3 positives below the one negative
+    p = bench.mean_probabilities(scores, targets, ids)
+    assert list(p) == ["1", "3", "1+2", "2+3"]
+    assert p["2+3"]["actors"] == 2
+    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    np.testing.assert_allclose(p["2+3"]["p"], np.round([(sig(3.0) + sig(-2.0)) / 2, sig(2.0), sig(2.0)], 3))
