@@ -35,10 +35,7 @@ import numpy as np
 import torch
 
 from stvr.checkpoint import load_checkpoint
-from stvr.data.dataset import EvalPairDataset
-from stvr.data.video import ClipCache
-from stvr.evaluation import frame_map, load_actors, match_diagnostics
-from stvr.predict import predict_pairs
+from stvr.experiments import evaluate_model, test_dataset
 from stvr.recurrent import WarpLSTMCell
 
 ABLATIONS = ("trained", "zero_warp", "no_memory")
@@ -48,6 +45,8 @@ ABLATIONS = ("trained", "zero_warp", "no_memory")
 def ablated(model: torch.nn.Module, ablation: str) -> Iterator[bool]:
     """Apply ``ablation`` to ``model.cell`` (an instance attribute, undone on exit).
     Yields False when the ablation does not apply (no cell, or ``zero_warp`` on another cell)."""
+    if ablation not in ABLATIONS:
+        raise ValueError(f"unknown ablation {ablation!r}; choose from {ABLATIONS}")
     cell = getattr(model, "cell", None)
     if ablation == "trained":
         yield True
@@ -67,7 +66,7 @@ def ablated(model: torch.nn.Module, ablation: str) -> Iterator[bool]:
             yield True
         finally:
             del cell.predict_offsets
-    elif ablation == "no_memory":
+    else:                                          # "no_memory"
         original = cell.forward
 
         def forget(x, state=None, context=None, **extra):
@@ -78,29 +77,24 @@ def ablated(model: torch.nn.Module, ablation: str) -> Iterator[bool]:
             yield True
         finally:
             del cell.forward
-    else:
-        raise ValueError(f"unknown ablation {ablation!r}; choose from {ABLATIONS}")
 
 
-def evaluate_run(run: Path, root: Path, split: str, ablations: tuple[str, ...]) -> dict:
-    """``{ablation: {"mAP", "match_auc"} or None}`` (percent / AUC) of one run folder on ``root``'s split."""
+def evaluate_run(run: Path, root: Path, split: str, ablations: tuple[str, ...], datasets: dict) -> dict:
+    """``{ablation: {"mAP", "match_auc"} or None}`` (percent / AUC) of one run folder on ``root``'s
+    split (:func:`stvr.experiments.evaluate_model`); ``datasets`` caches the evaluation dataset per
+    image size across runs."""
     model, cfg, state = load_checkpoint(run)
-    data_cfg = dataclasses.replace(cfg.data, root=str(root), videos=None, cache=None)
-    cache = ClipCache(root / "cache", size=cfg.model.image_size, fps=data_cfg.fps)
-    dataset = EvalPairDataset(root, split=split, image_size=cfg.model.image_size, cache=cache,
-                              data_cfg=data_cfg, clip_frames=cfg.model.clip_frames)
-    actors = load_actors(root)
-    cps = dataset.clips_per_second
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root), videos=None, cache=None))
+    if cfg.model.image_size not in datasets:
+        datasets[cfg.model.image_size] = test_dataset(cfg, split)
     out: dict = {"cell": cfg.model.cell, "step": state.get("step")}
     for ab in ablations:
         with ablated(model, ab) as applies:
             if not applies:
                 out[ab] = None
                 continue
-            dets = predict_pairs(model, dataset, progress=False)
-        fm = frame_map(dataset.pairs, dets, 0.5, cps)
-        diag = match_diagnostics(dataset.pairs, dets, actors, 0.5, cps)
-        out[ab] = {"mAP": 100 * fm["mAP"], "match_auc": diag["match_auc"]}
+            res = evaluate_model(model, datasets[cfg.model.image_size], "cpu", progress=False, video_ious=None)
+        out[ab] = {"mAP": 100 * res["frame_mAP"]["0.5"], "match_auc": res["diagnostics"]["match_auc"]}
     return out
 
 
@@ -123,8 +117,9 @@ def main() -> None:
     t0 = time.perf_counter()
     results = {"data": str(args.data), "split": args.split, "runs": {}}
     print("| run | cell | " + " | ".join(args.ablations) + " |\n|---|---|" + "---:|" * len(args.ablations))
+    datasets: dict = {}
     for run in args.runs:
-        r = evaluate_run(run, args.data, args.split, tuple(args.ablations))
+        r = evaluate_run(run, args.data, args.split, tuple(args.ablations), datasets)
         results["runs"][str(run)] = r
         cells = [f"{r[a]['mAP']:.1f} ({r[a]['match_auc']:.3f})" if r[a] else "-" for a in args.ablations]
         print(f"| {run.name} | {r['cell']} | " + " | ".join(cells) + " |", flush=True)
