@@ -54,3 +54,14 @@ def test_configs_written_before_match_clips_keep_the_per_clip_head():
     assert preset("paper").model.match_clips == 1
     with pytest.raises(ValueError, match="match_clips"):
         validate_config(apply_overrides(preset("cpu"), ["model.match_clips=0"]))
+
+
+def test_box_voting_over_a_group_needs_box_voting():
+    from stvr.config import validate_config
+
+    cfg = preset("cpu")
+    assert cfg.model.det_box_voting == 0.5
+    validate_config(apply_overrides(cfg, ["model.det_box_voting_group=true"]))
+    with pytest.raises(ValueError, match="det_box_voting_group needs box voting"):
+        validate_config(apply_overrides(cfg, ["model.det_box_voting_group=true", "model.det_box_voting=0"]))
+    assert preset("paper").model.det_box_voting_group is False

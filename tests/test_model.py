@@ -221,9 +221,10 @@ def test_query_attention_is_per_pair():
     assert not torch.equal(a[1][0], b[1][0])
 
 
-@pytest.mark.parametrize("group,split", [(3, 3), (1, 2)])
-def test_streaming_matches_batch_forward(group, split):
-    model = build(cell="conv", match_clips=group).eval()
+@pytest.mark.parametrize("group,split,vote", [(3, 3, False), (1, 2, False), (3, 3, True)])
+def test_streaming_matches_batch_forward(group, split, vote):
+    model = build(cell="conv", match_clips=group, det_box_voting=0.5 if vote else 0.0,
+                  det_box_voting_group=vote).eval()
     batch = make_batch(lengths=(7,), num_queries=(2,))
     full = model(batch)[0]
     q = model.encode_query(batch.query_clips, batch.query_boxes)
@@ -233,6 +234,42 @@ def test_streaming_matches_batch_forward(group, split):
     assert len(first) + len(second) == 7 and state["clips"] == 7
     for d, e in zip(first + second, full):
         torch.testing.assert_close(d, e)
+
+
+def test_clip_groups_number_the_groups_of_each_pair():
+    from stvr.model.network import clip_groups
+
+    pair = torch.tensor([0, 0, 0, 0, 1, 1, 1])
+    time = torch.tensor([0, 1, 2, 3, 0, 1, 3])
+    assert clip_groups(pair, time, 3).tolist() == [0, 0, 0, 1, 2, 2, 3]
+    assert clip_groups(pair, time, 1).tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert clip_groups(pair[:0], time[:0], 3).tolist() == []
+
+
+def test_box_voting_over_a_group_gets_the_groups_of_each_pair(monkeypatch):
+    """With ``det_box_voting_group`` the post-processing gets each clip's group of
+    ``model.match_clips`` clips (per pair, counted from the reference's first clip), without it
+    none; the scores do not depend on the voting."""
+    import stvr.model.network as network
+
+    seen = []
+    original = network.postprocess_detections
+
+    def spy(*args, **kwargs):
+        seen.append(args[10] if len(args) > 10 else kwargs.get("clip_group"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(network, "postprocess_detections", spy)
+    model = build(cell="none", match_clips=3, det_box_voting=0.5, det_box_voting_group=False).eval()
+    batch = make_batch(lengths=(6, 4), num_queries=(1, 1))
+    per_clip = model(batch)
+    model.cfg = dataclasses.replace(model.cfg, det_box_voting_group=True)
+    grouped = model(batch)
+    assert seen[0] is None and seen[1].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]
+    for g_pair, c_pair in zip(grouped, per_clip):
+        assert len(g_pair) == len(c_pair)
+        for g, c in zip(g_pair, c_pair):
+            torch.testing.assert_close(g[:, 4], c[:, 4])
 
 
 def test_group_mean_averages_the_clips_of_a_group_per_pair():

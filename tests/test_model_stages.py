@@ -231,6 +231,35 @@ def test_box_voting_hand_built():
     torch.testing.assert_close(roi_heads.vote_boxes(lone, torch.tensor([0]), boxes, scores, group, 0.5), lone)
 
 
+def test_postprocessing_votes_over_the_clips_of_a_group():
+    """``det_box_voting_group``: a kept box's voters come from every clip of its group (the clips
+    of a second), not only its own clip; NMS, the kept boxes per clip and the scores stay."""
+    boxes = torch.tensor([[10., 10., 30., 30.],    # clip 0, the actor
+                          [14., 10., 34., 30.],    # clip 1, the same actor 4 px on (IoU 320 / 480)
+                          [40., 40., 60., 60.]])   # clip 1, far from both
+    clip_index = torch.tensor([0, 1, 1])
+    logits = torch.tensor([[0., 0., 2.], [0., 0., 1.], [0., 0., 0.5]])
+    codes = torch.zeros(3, 2, 4)
+    match = logits.softmax(-1)[:, 2]
+
+    def run(group, clip_group):
+        cfg = box_cfg(det_box_voting=0.5, det_box_voting_group=group)
+        return roi_heads.postprocess_detections(logits, codes, boxes, clip_index, 2, False, CODER, cfg, S,
+                                                clip_group=clip_group)
+
+    same = torch.tensor([0, 0])
+    for dets in (run(False, same), run(True, None), run(True, torch.tensor([0, 1]))):   # per clip
+        torch.testing.assert_close(dets[0][:, :4], boxes[:1] / S)
+        torch.testing.assert_close(dets[1][:, :4], boxes[1:] / S)
+    dets = run(True, same)
+    # the match-class candidates of both clips vote (the other class's boxes never do)
+    mean = (match[0] * boxes[0] + match[1] * boxes[1]) / (match[0] + match[1])
+    torch.testing.assert_close(dets[0][:, :4], mean[None] / S)
+    torch.testing.assert_close(dets[1][:, :4], torch.stack([mean, boxes[2]]) / S)
+    torch.testing.assert_close(dets[0][:, 4], match[:1])
+    torch.testing.assert_close(dets[1][:, 4], match[1:])
+
+
 def test_postprocessing_with_box_voting():
     # two proposals on one actor, both refined to themselves (zero codes): NMS keeps the higher;
     # voting moves it toward the other by their score weights; the score stays

@@ -379,6 +379,20 @@ def test_predict_cli_loads_a_trained_checkpoint(tmp_path, capsys):
     torch.testing.assert_close(
         [torch.tensor(c, dtype=torch.float64).reshape(-1, 5) for d in load_detections(out2) for c in d],
         [torch.tensor(c, dtype=torch.float64).reshape(-1, 5) for d in load_detections(out) for c in d])
+    # --set changes the post-processing (model.det_*) and nothing else
+    out3 = tmp_path / "dets_one.json"
+    assert main(["predict", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "data"),
+                 "--out", str(out3), "--device", "cpu", "--quiet", "--set", "model.det_per_clip=1"]) == 0
+    one = load_detections(out3)
+    assert [len(d) for d in one] == [6, 3] and all(len(c) <= 1 for d in one for c in d)
+    assert [c[:1] for d in one for c in d] == [c[:1] for d in load_detections(out) for c in d]
+    capsys.readouterr()
+    for bad, message in ((["model.cell=conv"], "only the detection post-processing"),
+                         (["model.det_box_voting_group=true", "model.det_box_voting=0"], "needs box voting")):
+        sets = [w for o in bad for w in ("--set", o)]
+        assert main(["predict", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "data"),
+                     "--out", str(tmp_path / "refused.json"), "--device", "cpu", "--quiet", *sets]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "refused.json").exists()
 
 # --------------------------------------------------------------------------- DDP (gloo, CPU)
 

@@ -100,6 +100,8 @@ class ModelConfig:
     det_score_threshold: float = 0.0
     det_box_voting: float = 0.0        # > 0: each kept box becomes the score-weighted mean of the boxes of
                                        # its clip and class with IoU >= this (box voting); 0: off (paper)
+    det_box_voting_group: bool = False # box voting takes its voters from every clip of the kept box's group of
+                                       # match_clips clips (the clips of a second), not only its own clip
 
 
 @dataclass
@@ -209,6 +211,12 @@ def preset(name: str) -> Config:
                 # < 0.5 for 28 %); validation frame-mAP@0.5 of seeds 0 / 3 / 7 / 11 (same checkpoints)
                 # 36.8 / 32.0 / 27.5 / 28.1 -> 37.6 / 36.4 / 29.1 / 28.8 (benchmarks/README.md, fifth pass)
                 det_box_voting=0.5,
+                # ... with the voters of all 3 clips of its second: the one annotated box of a second is
+                # the actor's extent at its middle, which the mean over the second estimates (wobble,
+                # pulse, squash and the drift average out); validation frame-mAP@0.5 of the six demo
+                # checkpoints 39.1 -> 40.2 (every seed up), @0.7 15.9 -> 22.1 (benchmarks/README.md,
+                # tenth pass)
+                det_box_voting_group=True,
             ),
             # references from another actor of the same label (no same-actor appearance shortcut)
             data=DataConfig(root="data/synthetic", reference_other_actor=True),
@@ -403,6 +411,9 @@ def validate_config(cfg: Config) -> Config:
         raise ValueError("model.backbone_weights is for the tiny backbone; I3D weights go in model.i3d_weights")
     if len(m.box_coder_weights) != 4:
         raise ValueError(f"model.box_coder_weights must have 4 values, got {m.box_coder_weights!r}")
+    if m.det_box_voting_group and m.det_box_voting <= 0:
+        raise ValueError("model.det_box_voting_group needs box voting on: set model.det_box_voting > 0 "
+                         "(the IoU of the voters, e.g. 0.5) or model.det_box_voting_group=false")
     if m.rpn_bg_iou > m.rpn_fg_iou:
         raise ValueError(f"model.rpn_bg_iou ({m.rpn_bg_iou}) must be <= model.rpn_fg_iou ({m.rpn_fg_iou})")
     if m.image_size % 16:

@@ -30,8 +30,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="pairs per forward pass (default 1)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.det_*=VALUE",
+                   help="change the detection post-processing of the checkpoint's config (repeatable; only "
+                   "model.det_* fields: NMS, caps, score threshold, box voting), e.g. --set "
+                   "model.det_box_voting_group=true; everything else is fixed by the trained weights")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+
+
+def check_postprocessing_keys(overrides: list[str]) -> None:
+    """``ValueError`` unless every override sets a ``model.det_*`` field (the detection
+    post-processing; any other field would no longer describe the trained weights)."""
+    bad = [o for o in overrides if not o.split("=", 1)[0].strip().startswith("model.det_")]
+    if bad:
+        raise ValueError(f"--set {bad[0]!r}: only the detection post-processing (model.det_*) can be changed "
+                         f"at prediction time; the other fields are fixed by the checkpoint")
+
+
+def postprocessing_overrides(cfg, overrides: list[str]):
+    """``cfg`` with the ``model.det_*`` ``overrides`` applied and checked (:func:`check_postprocessing_keys`)."""
+    from ..config import apply_overrides, validate_config
+
+    check_postprocessing_keys(overrides)
+    return validate_config(apply_overrides(cfg, overrides)) if overrides else cfg
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from ..guards import check_output
     from ..checkpoint import resolve_checkpoint
 
+    check_postprocessing_keys(args.overrides)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.num_workers < 0:
@@ -68,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
                                              ("--data", root / "dataset.json")])
     device = resolve_device(args.device)
     model, cfg, state = load_checkpoint(args.checkpoint, device=device)
+    if args.overrides:
+        cfg = postprocessing_overrides(cfg, args.overrides)
+        model.cfg = cfg.model
     data_cfg = dataclasses.replace(cfg.data, root=str(root), videos=args.videos, cache=args.cache)
     cache = ClipCache(Path(args.cache) if args.cache else root / "cache", size=cfg.model.image_size,
                       fps=data_cfg.fps)

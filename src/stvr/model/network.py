@@ -55,14 +55,23 @@ def fuse_features(proposal: Tensor, query: Tensor, kind: str = "concat",
     return torch.cat(parts, dim=1)
 
 
+def clip_groups(pair: Tensor, time: Tensor, clips: int) -> Tensor:
+    """Group id ``[N]`` (0, 1, ... in key order) of each clip: clips of the same pair (``pair [N]``)
+    with the same ``time // clips`` (``time [N]``: clip index in its reference) share one."""
+    if pair.numel() == 0:
+        return pair.to(torch.long)
+    clips = max(1, int(clips))
+    key = pair.to(torch.long) * (int(time.max()) // clips + 1) + time.to(torch.long) // clips
+    return torch.unique(key, return_inverse=True)[1]
+
+
 def group_mean(maps: Tensor, pair: Tensor, time: Tensor, clips: int) -> Tensor:
     """Each of ``maps [N, ...]`` replaced by the mean of the maps of its group: the same pair
     (``pair [N]``) and the same ``time // clips`` (``time [N]``: clip index in its reference).
     ``clips=1`` returns ``maps`` itself."""
     if clips <= 1 or maps.shape[0] == 0:
         return maps
-    key = pair.to(torch.long) * (int(time.max()) // clips + 1) + time.to(torch.long) // clips
-    _, group = torch.unique(key, return_inverse=True)
+    group = clip_groups(pair, time, clips)
     n = int(group.max()) + 1
     sums = maps.new_zeros(n, *maps.shape[1:]).index_add_(0, group, maps)
     counts = torch.bincount(group, minlength=n).to(maps.dtype)
@@ -306,7 +315,7 @@ class STVRModel(nn.Module):
         compare_maps, cosine_maps = self._match_maps(maps, backbone_maps, pair_idx, time_idx)
         query_index = batch.query_index.to(device=maps.device, dtype=torch.long)
         if not self.training:
-            dets = self._detect(maps, pair_idx, query_feats, query_index, compare_maps, cosine_maps)
+            dets = self._detect(maps, pair_idx, query_feats, query_index, compare_maps, cosine_maps, time_idx)
             counts = lengths.tolist()
             out, start = [], 0
             for c in counts:
@@ -346,16 +355,19 @@ class STVRModel(nn.Module):
 
     @torch.no_grad()
     def _detect(self, maps: Tensor, clip_pair: Tensor, query_feats: Tensor, query_index: Tensor,
-                compare_maps: Tensor | None, cosine_maps: Tensor | None) -> list[Tensor]:
+                compare_maps: Tensor | None, cosine_maps: Tensor | None, clip_time: Tensor) -> list[Tensor]:
         """Detections ``[K, 5]`` (normalized xyxy + query-match score) for each map of ``maps [N, C, h, w]``
-        (``compare_maps``, ``cosine_maps``: as in :meth:`_second_stage`)."""
+        of pair ``clip_pair [N]`` at clip ``clip_time [N]`` of its reference (``compare_maps``,
+        ``cosine_maps``: as in :meth:`_second_stage`; the groups of ``model.match_clips`` clips also
+        pool the box voting with ``model.det_box_voting_group``)."""
         _, _, _, proposals, pvalid = self._proposals(maps)
         clip_index, slot = pvalid.nonzero(as_tuple=True)
         boxes = proposals[clip_index, slot]
         logits, codes, iou_logits = self._second_stage(maps, boxes, clip_index, clip_pair, query_feats,
                                                        query_index, compare_maps, cosine_maps)
+        groups = clip_groups(clip_pair, clip_time, self.cfg.match_clips) if self.cfg.det_box_voting_group else None
         return postprocess_detections(logits, codes, boxes, clip_index, maps.shape[0], self.head.binary,
-                                      self.box_coder, self.cfg, self.image_size, iou_logits)
+                                      self.box_coder, self.cfg, self.image_size, iou_logits, groups)
 
     @torch.no_grad()
     def detect_clips(self, query_features: Tensor, reference_clips: Tensor, state: Any = None,
@@ -389,7 +401,7 @@ class STVRModel(nn.Module):
         seen = int(state.get("clips", 0))
         time = torch.arange(seen, seen + maps.shape[0], device=maps.device)
         compare_maps, cosine_maps = self._match_maps(maps, feats[0], pairs, time)
-        dets = self._detect(maps, pairs, query_features, qidx, compare_maps, cosine_maps)
+        dets = self._detect(maps, pairs, query_features, qidx, compare_maps, cosine_maps, time)
         return dets, {"cell": cell_state, "previous_clip": reference_clips[-1], "clips": seen + maps.shape[0]}
 
     def stage_modules(self) -> dict[str, nn.Module | None]:

@@ -252,12 +252,20 @@ def vote_boxes(kept: Tensor, kept_group: Tensor, boxes: Tensor, scores: Tensor, 
 @torch.no_grad()
 def postprocess_detections(logits: Tensor, codes: Tensor, boxes: Tensor, clip_index: Tensor,
                            num_clips: int, binary: bool, box_coder: BoxCoder, cfg: Any,
-                           image_size: int, iou_logits: Tensor | None = None) -> list[Tensor]:
+                           image_size: int, iou_logits: Tensor | None = None,
+                           clip_group: Tensor | None = None) -> list[Tensor]:
     """Detections ``[K, 5]`` (normalized xyxy + query-match score) for each of ``num_clips``
     clips from the head's outputs on proposals ``boxes [K, 4]`` pixels of clips ``clip_index``.
 
     With ``iou_logits [K]`` (the ``iou_head``'s output) the class probabilities are multiplied
-    by ``sigmoid(iou_logits) ** cfg.det_iou_power`` before thresholding and NMS."""
+    by ``sigmoid(iou_logits) ** cfg.det_iou_power`` before thresholding and NMS.
+
+    Box voting (``cfg.det_box_voting > 0``) moves each kept box to the score-weighted mean of the
+    candidates of its clip that overlap it (:func:`vote_boxes`); with ``cfg.det_box_voting_group``
+    and ``clip_group [num_clips]`` (a group id per clip, e.g. the clips of a second), the voters
+    come from every clip of its group: the group's mean box, which is where the one annotated box
+    of a second lies when the actor moves steadily or oscillates about its path. NMS, the scores
+    and which boxes are kept stay per clip."""
     size, n = image_size, num_clips
     k, nc = codes.shape[:2]
     if binary:
@@ -282,7 +290,10 @@ def postprocess_detections(logits: Tensor, codes: Tensor, boxes: Tensor, clip_in
     boxes_out = dec[keep]
     if cfg.det_box_voting > 0 and keep.numel():
         voters = cls == match_class                                   # the kept boxes' own class
-        boxes_out = vote_boxes(boxes_out, clip[keep], dec[voters], scores[voters], clip[voters],
+        group = clip
+        if clip_group is not None and getattr(cfg, "det_box_voting_group", False):
+            group = clip_group.to(clip.device)[clip]
+        boxes_out = vote_boxes(boxes_out, group[keep], dec[voters], scores[voters], group[voters],
                                cfg.det_box_voting)
         boxes_out = clip_boxes_to_image(boxes_out, (size, size))     # a mean can round past the edge
     out = torch.cat([boxes_out / size, scores[keep, None]], dim=1)
