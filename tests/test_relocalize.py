@@ -265,6 +265,21 @@ def test_box_parsing_and_validation(tmp_path):
         R.check_span(1.0, 1.2, 3.0, "query", "q.mp4")
 
 
+def test_cli_set_changes_only_the_postprocessing(media, tmp_path, capsys):
+    """``--set model.det_*=...`` applies to the checkpoint's post-processing: here at most one
+    detection per clip, each the top detection of the unchanged run."""
+    base = ["relocalize", "--query", str(media["query_mp4"]), "--query-box", "0.2,0.2,0.6,0.8",
+            "--reference", str(media["ref_mkv"]), "--checkpoint", str(media["checkpoint"]),
+            "--min-length", "1", "--detections", "--device", "cpu", "--quiet"]
+    assert main(base + ["--out", str(tmp_path / "all.json")]) == 0
+    assert main(base + ["--out", str(tmp_path / "one.json"), "--set", "model.det_per_clip=1"]) == 0
+    capsys.readouterr()
+    full = json.loads((tmp_path / "all.json").read_text())["detections"]
+    one = json.loads((tmp_path / "one.json").read_text())["detections"]
+    assert len(one) == len(full) and any(len(c) > 1 for c in full)
+    assert [c[:1] for c in one] == [c[:1] for c in full]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--query", "{dir}/missing.mp4", "--query-box", "0.1,0.1,0.5,0.5"], "missing.mp4 does not exist"),
     (["--query", "{query}", "--query-box", "0.1,0.1,0.5,0.5", "--reference", "{dir}/nope.mkv"], "nope.mkv does not exist"),
@@ -275,6 +290,10 @@ def test_box_parsing_and_validation(tmp_path):
     (["--query", "{query}", "--query-box", "0.1,0.1,0.5,0.5", "--reference-start", "5"], "reference span"),
     (["--query", "{query}", "--query-box", "0.1,0.1,0.5,0.5", "--query-end", "1", "--query-box-time", "1.5"],
      "--query-box-time 1.5 s lies outside the query span"),
+    (["--query", "{query}", "--query-box", "0.1,0.1,0.5,0.5", "--set", "model.cell=warp"],
+     "only the detection post-processing"),
+    (["--query", "{query}", "--query-box", "0.1,0.1,0.5,0.5", "--set", "model.det_nms_iou=2"],
+     "model.det_nms_iou must be in (0, 1]"),
 ])
 def test_cli_errors(media, tmp_path, capsys, args, message):
     fill = {"dir": str(tmp_path), "query": str(media["query_mp4"])}

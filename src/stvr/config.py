@@ -299,6 +299,23 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
     return validate_config(cfg)
 
 
+def check_postprocessing_keys(overrides: Sequence[str]) -> None:
+    """``ValueError`` unless every ``section.field=value`` override sets a ``model.det_*`` field:
+    the detection post-processing (NMS, caps, score threshold, box voting), the only part of a
+    trained model's config that inference may change (every other field describes the weights)."""
+    bad = [o for o in overrides if not o.split("=", 1)[0].strip().startswith("model.det_")]
+    if bad:
+        raise ValueError(f"--set {bad[0]!r}: only the detection post-processing (model.det_*) can be changed "
+                         f"at inference; the other fields are fixed by the checkpoint")
+
+
+def postprocessing_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """``cfg`` with ``model.det_*`` ``overrides`` applied and validated
+    (:func:`check_postprocessing_keys`, :func:`validate_config`); ``cfg`` itself without any."""
+    check_postprocessing_keys(overrides)
+    return validate_config(apply_overrides(cfg, overrides)) if overrides else cfg
+
+
 BACKBONES = ("i3d", "tiny")
 HEADS = ("resnet", "binary")
 PRESETS = ("paper", "cpu")

@@ -38,23 +38,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def check_postprocessing_keys(overrides: list[str]) -> None:
-    """``ValueError`` unless every override sets a ``model.det_*`` field (the detection
-    post-processing; any other field would no longer describe the trained weights)."""
-    bad = [o for o in overrides if not o.split("=", 1)[0].strip().startswith("model.det_")]
-    if bad:
-        raise ValueError(f"--set {bad[0]!r}: only the detection post-processing (model.det_*) can be changed "
-                         f"at prediction time; the other fields are fixed by the checkpoint")
-
-
-def postprocessing_overrides(cfg, overrides: list[str]):
-    """``cfg`` with the ``model.det_*`` ``overrides`` applied and checked (:func:`check_postprocessing_keys`)."""
-    from ..config import apply_overrides, validate_config
-
-    check_postprocessing_keys(overrides)
-    return validate_config(apply_overrides(cfg, overrides)) if overrides else cfg
-
-
 def run(args: argparse.Namespace) -> int:
     from ..data.dataset import EvalPairDataset
     from ..data.pairs import load_pairs
@@ -65,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..guards import check_output
     from ..checkpoint import resolve_checkpoint
+
+    from ..config import check_postprocessing_keys, postprocessing_overrides
 
     check_postprocessing_keys(args.overrides)
     if args.batch_size < 1:

@@ -51,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--score-threshold", type=float, default=0.0, help="ignore detections below this score")
     p.add_argument("--chunk-clips", type=int, default=12, help="reference clips processed per step")
     p.add_argument("--detections", action="store_true", help="also store the per-clip detections")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.det_*=VALUE",
+                   help="change the detection post-processing of the checkpoint's config (repeatable; only "
+                   "model.det_* fields: NMS, caps, score threshold, box voting)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -81,6 +84,9 @@ def check_arguments(args: argparse.Namespace, ckpt: Path) -> None:
     from ..relocalize import RENDER_EXTENSIONS, check_link_parameters
     from ..checkpoint import resolve_checkpoint
 
+    from ..config import check_postprocessing_keys
+
+    check_postprocessing_keys(args.overrides)
     if args.top_k < 0:
         raise ValueError(f"--top-k must be >= 0 (0 = all), got {args.top_k}")
     if args.chunk_clips < 1:
@@ -100,6 +106,7 @@ def check_arguments(args: argparse.Namespace, ckpt: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..relocalize import relocalize, render_tubelets, save_result, training_data_warnings
     from ..checkpoint import load_checkpoint
+    from ..config import postprocessing_overrides
     from ..utils import resolve_device
 
     try:
@@ -107,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         check_arguments(args, ckpt)
         device = resolve_device(args.device)
         model, cfg, state = load_checkpoint(ckpt, device=device)
+        if args.overrides:
+            model.cfg = postprocessing_overrides(cfg, args.overrides).model
         result = relocalize(
             model, args.query, args.query_box if args.query_box is not None else Path(args.query_boxes),
             args.reference, query_start=args.query_start, query_end=args.query_end,
