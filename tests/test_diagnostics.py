@@ -460,3 +460,48 @@ def test_table1_adds_diagnostics_to_a_finished_run(tmp_path):
     bench._add_diagnostics(res, tmp_path, cfg, {(cfg.model.image_size, cfg.data.root): ds})
     assert res["diagnostics"] == pytest.approx(match_diagnostics(pairs, dets, actors))
     assert json.loads((tmp_path / "results.json").read_text())["diagnostics"] == res["diagnostics"]
+
+
+def test_bench_match_relations_splits_the_match_auc_by_how_labels_relate(tmp_path):
+    # benchmarks/bench_match_relations.py: the negatives split into nested / overlap / disjoint
+    # labels; each kind's AUC against the positives; the pooled AUC is match_diagnostics' own
+    from test_synthetic import _benchmark
+
+    bench = _benchmark("bench_match_relations")
+    assert bench.relation(frozenset({2, 4}), frozenset({2, 4})) == "positive"
+    assert bench.relation(frozenset({2, 3, 4}), frozenset({2, 4})) == "nested"
+    assert bench.relation(frozenset({2}), frozenset({2, 4})) == "nested"
+    assert bench.relation(frozenset({2, 7}), frozenset({2, 4})) == "overlap"
+    assert bench.relation(frozenset({3, 5}), frozenset({2, 4})) == "disjoint"
+
+    E = [0.60, 0.05, 0.90, 0.35]
+    # AVA rows: one per (person, action); second 10 of video "v" holds five people
+    rows = [("v", 10, A, 2, 0), ("v", 10, A, 4, 0),          # positive (2+4)
+            ("v", 10, B, 2, 1), ("v", 10, B, 3, 1), ("v", 10, B, 4, 1),   # nested (2+3+4)
+            ("v", 10, C, 2, 2), ("v", 10, C, 7, 2),          # overlap (2+7)
+            ("v", 10, D, 5, 3),                              # disjoint (5)
+            ("v", 10, E, 6, 4)]                              # disjoint (6), never detected
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "val.csv").write_text(
+        "".join(f"{v},{s:04d},{','.join(map(str, b))},{a},{p}\n" for v, s, b, a, p in rows))
+    actors = bench.load_actor_labels(tmp_path)
+    assert [(sorted(ids), box) for ids, box in actors[("v", 10)]] == [
+        ([2, 4], A), ([2, 3, 4], B), ([2, 7], C), ([5], D), ([6], E)]
+
+    pairs = [pair([[A]], label=(2, 4))]
+    # three clips of the second: the positive scored 0.5 / 0.9 / 0.2, the nested actor always
+    # above 0.5 in the first clip (0.6), tied in the second (0.9), below in the third (0.1)
+    dets = [[[det(A, 0.5), det(B, 0.6), det(C, 0.5), det(D, 0.1)],
+             [det(A, 0.9), det(B, 0.9), det(C, 0.3)],
+             [det(A, 0.2), det(B, 0.1), det(D, 0.05)]]]
+    r = bench.match_auc_by_relation(pairs, dets, actors)
+    assert r["positives"] == 3 and r["negatives"] == {"nested": 3, "overlap": 2, "disjoint": 2}
+    pos = [0.5, 0.9, 0.2]
+    assert r["nested"] == pytest.approx(ref_auc(pos + [0.6, 0.9, 0.1], [1] * 3 + [0] * 3))
+    assert r["overlap"] == pytest.approx(ref_auc(pos + [0.5, 0.3], [1] * 3 + [0] * 2))
+    assert r["disjoint"] == pytest.approx(ref_auc(pos + [0.1, 0.05], [1] * 3 + [0] * 2)) and r["disjoint"] == 1.0
+    pooled = match_diagnostics(pairs, dets, {k: [b for _, b in v] for k, v in actors.items()}, chance_seeds=0)
+    assert r["all"] == pytest.approx(pooled["match_auc"])
+    # an uncovered actor (E) is no instance; without detections a kind is NaN
+    r = bench.match_auc_by_relation(pairs, [[[det(A, 0.5)], [], []]], actors)
+    assert r["negatives"] == {"nested": 0, "overlap": 0, "disjoint": 0} and math.isnan(r["nested"])
