@@ -117,14 +117,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--tag", default="", help="suffix of the results file")
     args = ap.parse_args(argv)
     rows = {}
+    roots: dict[str, tuple[list, dict]] = {}          # pairs and actors, read once per dataset root
     print("| run | positives | match AUC | nested | overlap | disjoint | negatives nested / overlap / disjoint |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for item in args.run:
         run, _, root = item.rpartition(":")
         path = Path(run)
         dets_path = path / "test_detections.json" if path.is_dir() else path
-        pairs = json.loads((Path(root) / "pairs" / "test.json").read_text())
-        r = match_auc_by_relation(pairs, json.loads(dets_path.read_text()), load_actor_labels(root))
+        if root not in roots:
+            roots[root] = json.loads((Path(root) / "pairs" / "test.json").read_text()), load_actor_labels(root)
+        pairs, actors = roots[root]
+        r = match_auc_by_relation(pairs, json.loads(dets_path.read_text()), actors)
         rows[item] = r
         n = r["negatives"]
         total = max(sum(n.values()), 1)

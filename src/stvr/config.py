@@ -310,10 +310,10 @@ def check_postprocessing_keys(overrides: Sequence[str]) -> None:
 
 
 def postprocessing_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
-    """``cfg`` with ``model.det_*`` ``overrides`` applied and validated
-    (:func:`check_postprocessing_keys`, :func:`validate_config`); ``cfg`` itself without any."""
+    """``cfg`` with ``model.det_*`` ``overrides`` applied (:func:`check_postprocessing_keys`, then
+    :func:`apply_overrides`, which validates the result); ``cfg`` itself without any."""
     check_postprocessing_keys(overrides)
-    return validate_config(apply_overrides(cfg, overrides)) if overrides else cfg
+    return apply_overrides(cfg, overrides) if overrides else cfg
 
 
 BACKBONES = ("i3d", "tiny")

@@ -48,7 +48,6 @@ def run(args: argparse.Namespace) -> int:
 
     from ..guards import check_output
     from ..checkpoint import resolve_checkpoint
-
     from ..config import check_postprocessing_keys, postprocessing_overrides
 
     check_postprocessing_keys(args.overrides)

@@ -83,7 +83,6 @@ def check_arguments(args: argparse.Namespace, ckpt: Path) -> None:
     from ..guards import check_distinct, check_output
     from ..relocalize import RENDER_EXTENSIONS, check_link_parameters
     from ..checkpoint import resolve_checkpoint
-
     from ..config import check_postprocessing_keys
 
     check_postprocessing_keys(args.overrides)
