@@ -68,6 +68,12 @@ class ModelConfig:
                                        # (recurrent cell's output) | "backbone" (the clip's own backbone maps)
     match_cosine: bool = False         # add s * cos(proposal, attended query) to the match logit (backbone
                                        # crop means; s = exp(learned), starts at 10)
+    match_action_distance: bool = False  # subtract s * sum_a |p_a(proposal) - p_a(query)| from the match logit:
+                                       # p = a linear multi-label action classifier on backbone crop means,
+                                       # fitted on the training actors before training (needs the frozen
+                                       # backbone; stvr.model.actions), s learned from 5
+    action_ids: tuple[int, ...] = ()   # that classifier's actions (set by training from the training
+                                       # annotations when empty)
     match_clips: int = 1               # the proposal's side of those comparisons (similarity / compare features,
                                        # match cosine): its crop of the mean map of the group of this many
                                        # consecutive reference clips that holds its clip (groups counted from the
@@ -428,6 +434,11 @@ def validate_config(cfg: Config) -> Config:
         raise ValueError("model.backbone_weights is for the tiny backbone; I3D weights go in model.i3d_weights")
     if len(m.box_coder_weights) != 4:
         raise ValueError(f"model.box_coder_weights must have 4 values, got {m.box_coder_weights!r}")
+    if m.match_action_distance and not m.freeze_backbone:
+        raise ValueError("model.match_action_distance needs model.freeze_backbone=true (its action probe is "
+                         "fitted once on the pretrained backbone's features)")
+    if any(float(a) != int(a) for a in m.action_ids) or len(set(m.action_ids)) != len(m.action_ids):
+        raise ValueError(f"model.action_ids must be distinct integers, got {m.action_ids!r}")
     if m.det_box_voting_group and m.det_box_voting <= 0:
         raise ValueError("model.det_box_voting_group needs box voting on: set model.det_box_voting > 0 "
                          "(the IoU of the voters, e.g. 0.5) or model.det_box_voting_group=false")

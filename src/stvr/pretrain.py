@@ -40,7 +40,7 @@ from .evaluation import roc_auc
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BUILTIN_RECIPE", "ActorClassifier", "pretrain_backbone", "recolor_clips"]
+__all__ = ["BUILTIN_RECIPE", "ActorClassifier", "fit_action_probe", "pretrain_backbone", "recolor_clips"]
 
 #: how the shipped weights were made (also stored in their metadata; generator version 4; the file
 #: written was then copied to ``src/stvr/backbones/weights/tiny_synthetic.safetensors``)
@@ -219,3 +219,59 @@ def pretrain_backbone(root: str | Path, cfg: ModelConfig, out: str | Path, *, st
     apply_default_mode(out)
     summary["out"] = str(out)
     return summary
+
+
+@torch.no_grad()
+def fit_action_probe(model: nn.Module, root: str | Path, *, max_seconds: int = 700, seed: int = 0,
+                     fps: int | None = None, cache_dir: str | Path | None = None,
+                     batch_size: int = 32) -> dict[str, Any]:
+    """Fit ``model.action_probe`` (:class:`stvr.model.actions.ActionProbe`) on the training actors of ``root``.
+
+    Up to ``max_seconds`` annotated seconds of the training videos are drawn (``seed``); each one's
+    clips go through the model's frozen backbone and are averaged (as the model's
+    ``match_clips`` groups of a second), and every annotated person of the second gives one sample:
+    the crop mean at its box (the model's RoI crop) and its multi-hot actions over
+    ``model.cfg.action_ids``. Only ``annotations/train.csv`` is read: held-out labels stay unseen.
+
+    Returns ``{"seconds", "actors", "loss", "train_auc"}`` (``train_auc``: mean per-action ROC AUC
+    of the fitted probe on its own samples, NaN-free actions only).
+    """
+    from .model import crop_features
+
+    probe = getattr(model, "action_probe", None)
+    if probe is None:
+        raise ValueError("the model has no action probe (model.match_action_distance is off)")
+    cfg = model.cfg
+    index = actor_index(root, "train", action_ids=[int(a) for a in cfg.action_ids])
+    info_fps = int(fps) if fps is not None else int(json.loads((Path(root) / "dataset.json").read_text()).get("fps", 24))
+    dataset = ActorClipDataset(root, index, cfg.image_size, fps=info_fps, clip_frames=cfg.clip_frames,
+                               cache_dir=cache_dir)
+    per_second = dataset.per_second
+    # the annotated seconds (video, second) -> their entries, in file order
+    seconds: dict[tuple[str, int], list[int]] = {}
+    for k, (vid, sec) in enumerate(zip(index.video_ids, index.seconds.tolist())):
+        seconds.setdefault((vid, int(sec)), []).append(k)
+    keys = list(seconds)
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(len(keys), size=min(int(max_seconds), len(keys)), replace=False).tolist())
+    entries = [seconds[keys[i]] for i in chosen]
+    clips = torch.cat([dataset.second_clips(e[0]) for e in entries])
+    device = next(model.parameters()).device
+    maps = torch.cat([model.run_backbone(c.to(device)) for c in clips.split(batch_size)])
+    maps = maps.view(len(entries), per_second, *maps.shape[1:]).mean(1)        # [S, C, h, w]
+    owner = torch.tensor([i for i, e in enumerate(entries) for _ in e], device=device)
+    rows = [k for e in entries for k in e]
+    boxes = torch.as_tensor(index.boxes[rows], device=device)
+    crops = crop_features(maps, boxes.to(maps.dtype), owner, cfg.roi_crop_size, mapping=cfg.roi_mapping,
+                          image_size=cfg.image_size)
+    features = crops.mean((2, 3))
+    targets = torch.as_tensor(index.targets[rows], device=device)
+    loss = probe.fit(features, targets)
+    scores = probe.logits(features).cpu().numpy()
+    aucs = [roc_auc(scores[:, a], index.targets[rows, a] > 0) for a in range(probe.num_actions)]
+    aucs = [a for a in aucs if not math.isnan(a)]
+    out = {"seconds": len(entries), "actors": len(rows), "loss": loss,
+           "train_auc": float(np.mean(aucs)) if aucs else float("nan")}
+    log.info("action probe fitted on %d training actors (%d seconds): loss %.4f, train AUC %.3f",
+             out["actors"], out["seconds"], loss, out["train_auc"])
+    return out

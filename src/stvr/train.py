@@ -28,6 +28,7 @@ the same device, thread count and number of processes).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import logging
 import math
@@ -310,13 +311,16 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True,
     if total_steps < 0:
         raise ValueError(f"max_steps must be >= 0, got {total_steps}")
     dist_info, device = init_distributed(tc.device)
-    out = _prepare_run_folder(cfg, Path(out_dir), dist_info)
     if train_set is None:
         train_set, default_val = build_datasets(cfg)
         val_set = val_set if val_set is not None else default_val
+    cfg = with_action_ids(cfg, _training_root(cfg, train_set))
+    out = _prepare_run_folder(cfg, Path(out_dir), dist_info)
 
     model, optimizer = _build_model(cfg, device)
     resumed, start_step, best = _start_or_resume(cfg, out, model, optimizer, device, dist_info, resume)
+    if model.action_probe is not None and not bool(model.action_probe.fitted):
+        _fit_action_probe(cfg, model, train_set)
     if dist_info.world_size > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -342,6 +346,31 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True,
 
 
 # ------------------------------------------------------------------ train(): setup
+
+
+def _training_root(cfg: Config, train_set: Dataset) -> Path:
+    return Path(getattr(train_set, "root", None) or cfg.data.root)
+
+
+def with_action_ids(cfg: Config, root: str | Path | None = None) -> Config:
+    """``cfg`` with ``model.action_ids`` set to every action id of the training annotations
+    (``<root>/annotations/train.csv``, default ``data.root``) when ``model.match_action_distance``
+    is on and the ids are not given; else ``cfg`` itself."""
+    if not cfg.model.match_action_distance or cfg.model.action_ids:
+        return cfg
+    from .data.actors import actor_index
+
+    ids = tuple(int(a) for a in actor_index(root or cfg.data.root, "train").action_ids)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, action_ids=ids))
+
+
+def _fit_action_probe(cfg: Config, model: nn.Module, train_set: Dataset) -> None:
+    """Fit the action probe of a fresh run on the training actors (every rank the same way)."""
+    from .pretrain import fit_action_probe
+
+    root = _training_root(cfg, train_set)
+    cache = getattr(train_set, "cache_dir", None) or cfg.data.cache
+    fit_action_probe(model, root, seed=cfg.train.seed, fps=cfg.data.fps, cache_dir=cache)
 
 
 def _prepare_run_folder(cfg: Config, out: Path, dist_info: DistInfo) -> Path:

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..model import STVRModel
     from ..checkpoint import load_checkpoint
-    from ..train import spawn_train, train
+    from ..train import spawn_train, train, with_action_ids
 
     t_start = time.perf_counter()
     progress = not args.quiet
@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     procs = training_processes(args.procs, device, cfg.train.batch_size)
     if procs > 1:
         cfg.train.batch_size //= procs        # per process; the step's batch stays the same
+    cfg = with_action_ids(cfg)             # (model.match_action_distance: the training annotations' actions)
     resume = not args.fresh and config_matches(out, cfg)
     if not args.fresh and (out / "config.json").exists() and not resume:
         print(f"      {out} holds a run of another config or other starting weights: training from scratch")

@@ -51,6 +51,11 @@ Details and the places where this differs from the official TensorFlow code:
   4 box codes. Sampling positives are proposals matched to any person; the
   class target is 1 for a matched query-match person; box regression is
   trained on all positives.
+* **Match terms not in the paper** (cpu preset / options): ``match_cosine`` adds
+  ``s * cos`` of the backbone crop means of proposal and attended query to the match logit;
+  ``match_action_distance`` subtracts ``s * L1`` between the action probabilities of the
+  proposal and of the query's mean crop, read by a linear probe fitted on the training
+  actors before training (:mod:`.actions`).
 * **Post-processing** (section 4.7): softmax, class-specific decoding, clipping
   to the image, per-class NMS 0.6, 15 per class, 30 per clip; only the
   query-match class is returned.
@@ -60,7 +65,9 @@ from __future__ import annotations
 
 # the stages, as torchvision's detection package: query.py (query crops), rpn.py (RPN head,
 # anchors, proposals, its targets and losses), roi_heads.py (attention, box head, its targets
-# and losses, post-processing), network.py (STVRModel composing them), ops.py (box ops)
+# and losses, post-processing), network.py (STVRModel composing them), ops.py (box ops),
+# actions.py (the action distance term of the match logit, model.match_action_distance),
+# feature_cache.py (the frozen backbone's maps of seen clips)
 from .network import STVRModel, _build_cell  # noqa: F401
 from .ops import balanced_sample, batched_iou, pad_boxes, rank_in_groups
 from .query import crop_features, crop_queries  # noqa: F401

@@ -15,6 +15,7 @@ from torchvision.models.detection._utils import BoxCoder
 from ..backbones import build_backbone
 from ..config import ModelConfig
 from ..data.batch import PairBatch
+from .actions import ActionProbe
 from .feature_cache import FeatureCache, gather_features
 from .ops import pad_boxes
 from .query import crop_features, crop_queries
@@ -126,6 +127,14 @@ class STVRModel(nn.Module):
         self.head = BoxHead(fused, cfg.head_mid_channels, cfg.head_out_channels,
                             cfg.head_blocks, binary=cfg.head == "binary", iou=cfg.iou_head,
                             cosine=cfg.match_cosine)
+        # the action distance term of the match logit (.actions): fitted on the frozen backbone's features
+        self.action_probe = None
+        if cfg.match_action_distance:
+            if not self.backbone_frozen:
+                raise ValueError("model.match_action_distance needs a frozen pretrained backbone "
+                                 "(model.freeze_backbone with backbone weights): the action probe is fitted "
+                                 "once on its features")
+            self.action_probe = ActionProbe(channels, len(cfg.action_ids))
         self.box_coder = BoxCoder(tuple(float(w) for w in cfg.box_coder_weights))
         self.anchor_generator = anchor_generator(cfg)
         self.record_offsets = False
@@ -245,8 +254,9 @@ class STVRModel(nn.Module):
         ``clip_pair [N]`` is the pair of each map. The proposal's side of the comparison with
         the attended query is its crop mean of ``compare_maps [N, C, h, w]`` (None: of ``maps``
         itself) in the similarity / compare features, and of ``cosine_maps`` in the match cosine
-        (:meth:`_match_maps`). Returns logits, box codes and the localization-quality logits
-        ``[K]`` (None without ``model.iou_head``).
+        (:meth:`_match_maps`) and the action distance (``model.match_action_distance``: against the
+        mean of the crop means of all query clips of its pair). Returns logits, box codes and the
+        localization-quality logits ``[K]`` (None without ``model.iou_head``).
         """
         cfg = self.cfg
 
@@ -259,11 +269,20 @@ class STVRModel(nn.Module):
         own_mean = None if compare_maps is None else crop(compare_maps).mean((2, 3), keepdim=True)
         fused = fuse_features(feats, attended, cfg.match_features, own_mean)
         logits, codes, iou = self.head.forward_with_iou(fused)
-        if cfg.match_cosine:
+        if cfg.match_cosine or self.action_probe is not None:
             if own_mean is None or cosine_maps is not compare_maps:
                 own_mean = crop(cosine_maps).mean((2, 3), keepdim=True)
+        if cfg.match_cosine:
             cos = torch.cosine_similarity(own_mean.flatten(1), attended.mean((2, 3)), dim=1, eps=1e-6)
             logits = self.head.add_match_cosine(logits, cos)
+        if self.action_probe is not None:
+            pairs = clip_pair[clip_index]
+            n = int(torch.maximum(pairs.max(), query_index.max()).item()) + 1 if pairs.numel() else 1
+            query_sum = query_feats.new_zeros(n, query_feats.shape[1]).index_add_(0, query_index,
+                                                                                 query_feats.mean((2, 3)))
+            query_mean = query_sum / torch.bincount(query_index, minlength=n).clamp(min=1)[:, None].to(query_sum.dtype)
+            distance = self.action_probe.distance(own_mean.flatten(1), query_mean[pairs])
+            logits = self.action_probe.add_to_match_logit(logits, distance)
         return logits, codes, iou
 
     def _match_maps(self, maps: Tensor, backbone_maps: Tensor, pair: Tensor,
@@ -274,9 +293,10 @@ class STVRModel(nn.Module):
         and the backbone's, each averaged over the clip's group of ``model.match_clips`` clips
         (:func:`group_mean`). Only what the head reads is computed: ``compare_maps`` is None
         with the concat features or for the propagated clip's own map, ``cosine_maps`` None
-        without ``model.match_cosine``."""
+        without ``model.match_cosine`` and ``model.match_action_distance``."""
         cfg, clips = self.cfg, self.cfg.match_clips
-        cosine_maps = group_mean(backbone_maps, pair, time, clips) if cfg.match_cosine else None
+        needs_backbone = cfg.match_cosine or cfg.match_action_distance
+        cosine_maps = group_mean(backbone_maps, pair, time, clips) if needs_backbone else None
         if cfg.match_features == "concat":
             return None, cosine_maps
         if cfg.match_source == "backbone":

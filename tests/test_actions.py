@@ -1,0 +1,159 @@
+"""The action distance term of the match logit (model.match_action_distance, stvr.model.actions)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_synth_root, tiny_synth_config
+from stvr.config import apply_overrides, preset
+from stvr.data.actors import actor_index
+from stvr.evaluation import roc_auc
+from stvr.model import STVRModel, crop_features
+from stvr.model.actions import INITIAL_SCALE, ActionProbe
+
+TINY = tiny_synth_config(8)
+ON = ["model.image_size=64", "model.match_action_distance=true"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return make_synth_root(tmp_path_factory, "act", TINY)
+
+
+def test_fit_recovers_linear_actions_and_keeps_the_standardization():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 6, generator=g) * torch.tensor([1.0, 2.0, 0.5, 3.0, 1.0, 1.0]) + 4.0
+    directions = torch.randn(6, 3, generator=g)
+    y = ((x - 4.0) @ directions > 0).float()
+    probe = ActionProbe(6, 3)
+    assert not bool(probe.fitted)
+    loss = probe.fit(x, y)
+    assert bool(probe.fitted) and loss < 0.2
+    torch.testing.assert_close(probe.mean, x.mean(0))
+    torch.testing.assert_close(probe.std, x.std(0) + 1e-6)
+    logits = probe.logits(x)
+    for a in range(3):
+        assert roc_auc(logits[:, a].numpy(), y[:, a].numpy() > 0) > 0.99
+    assert ((logits > 0).float() == y).float().mean() > 0.95
+    # the fit is deterministic
+    again = ActionProbe(6, 3)
+    again.fit(x, y)
+    torch.testing.assert_close(again.weight, probe.weight)
+    with pytest.raises(ValueError, match="targets"):
+        probe.fit(x, y[:, :2])
+    with pytest.raises(ValueError, match="at least one action"):
+        ActionProbe(6, 0)
+
+
+def test_distance_and_match_logit_by_hand():
+    probe = ActionProbe(2, 2)
+    probe.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, -2.0]]))
+    probe.bias.copy_(torch.tensor([0.5, 0.0]))
+    probe.std.fill_(2.0)
+    p = torch.tensor([[2.0, 0.0], [0.0, 4.0]])
+    q = torch.tensor([[0.0, 0.0], [0.0, 4.0]])
+    sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    # proposal 0: z = (1, 0) -> logits (1.5, 0); query 0: z = (0, 0) -> (0.5, 0)
+    want0 = abs(sig(1.5) - sig(0.5)) + 0.0
+    d = probe.distance(p, q)
+    assert d[0].item() == pytest.approx(want0, abs=1e-6) and d[1].item() == pytest.approx(0.0, abs=1e-7)
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    out = probe.add_to_match_logit(logits, d)
+    torch.testing.assert_close(out[:, :2], logits[:, :2])
+    assert out[0, 2].item() == pytest.approx(3.0 - INITIAL_SCALE * want0, abs=1e-5)
+    assert out[1, 2].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_model_subtracts_the_scaled_distance_to_its_pairs_query_mean():
+    cfg = apply_overrides(preset("cpu"), ON + ["model.action_ids=1,2,3"]).model
+    model = STVRModel(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    probe = model.action_probe
+    probe.weight.copy_(torch.randn(3, 64, generator=g))
+    probe.bias.copy_(torch.randn(3, generator=g))
+    c, h = cfg.backbone_channels, model.feature_size
+    maps = torch.randn(3, c, h, h, generator=g)
+    backbone_maps = torch.randn(3, c, h, h, generator=g)
+    clip_pair = torch.tensor([0, 0, 1])
+    boxes = torch.tensor([[4.0, 4.0, 40.0, 50.0], [10.0, 0.0, 60.0, 30.0], [0.0, 0.0, 64.0, 64.0],
+                          [20.0, 20.0, 44.0, 44.0]])
+    clip_index = torch.tensor([0, 1, 2, 2])
+    query = torch.randn(3, c, 7, 7, generator=g)
+    query_index = torch.tensor([0, 0, 1])
+    with torch.no_grad():
+        with_term = model._second_stage(maps, boxes, clip_index, clip_pair, query, query_index, maps, backbone_maps)
+        saved = probe.log_scale.data.clone()
+        probe.log_scale.data.fill_(-1e4)             # s = 0: the model without the term
+        without = model._second_stage(maps, boxes, clip_index, clip_pair, query, query_index, maps, backbone_maps)
+        probe.log_scale.data.copy_(saved)
+    own = crop_features(backbone_maps, boxes / 64, clip_index, cfg.roi_crop_size, mapping=cfg.roi_mapping,
+                        image_size=64).mean((2, 3))
+    qm = query.mean((2, 3))
+    query_mean = torch.stack([qm[:2].mean(0), qm[2]])[clip_pair[clip_index]]
+    distance = (probe.probabilities(own) - probe.probabilities(query_mean)).abs().sum(1)
+    assert distance.min() > 0.01
+    torch.testing.assert_close(with_term[0][:, :-1], without[0][:, :-1])
+    torch.testing.assert_close(with_term[1], without[1])
+    torch.testing.assert_close(with_term[0][:, -1], without[0][:, -1] - INITIAL_SCALE * distance,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_the_term_needs_a_frozen_pretrained_backbone_and_distinct_action_ids():
+    with pytest.raises(ValueError, match="freeze_backbone"):
+        apply_overrides(preset("cpu"), ON + ["model.freeze_backbone=false"])
+    from stvr.config import validate_config
+
+    with pytest.raises(ValueError, match="action_ids"):
+        validate_config(apply_overrides(preset("cpu"), ON + ["model.action_ids=1,1"]))
+    cfg = apply_overrides(preset("cpu"), ON + ["model.action_ids=1,2"]).model
+    cfg.backbone_weights = None                      # frozen, but nothing pretrained to freeze
+    with pytest.raises(ValueError, match="frozen pretrained backbone"):
+        STVRModel(cfg)
+    with pytest.raises(ValueError, match="action_ids"):
+        STVRModel(apply_overrides(preset("cpu"), ON).model)
+
+
+def test_training_fits_the_probe_on_training_actors_and_keeps_it(root, tmp_path):
+    from stvr.checkpoint import load_checkpoint
+    from stvr.pretrain import fit_action_probe
+    from stvr.train import train, with_action_ids
+
+    cfg = apply_overrides(preset("cpu"), ON + [
+        f"data.root={root}", "train.batch_size=2", "train.eval_every=0", "train.log_every=1",
+        "train.checkpoint_every=100"])
+    train_ids = actor_index(root, "train").action_ids
+    resolved = with_action_ids(cfg)
+    assert resolved.model.action_ids == tuple(train_ids) and cfg.model.action_ids == ()
+    off = apply_overrides(preset("cpu"), ["model.image_size=64"])
+    assert with_action_ids(off) is off
+    train(cfg, tmp_path / "run", max_steps=3, progress=False)
+    model, saved_cfg, _ = load_checkpoint(tmp_path / "run")
+    assert saved_cfg.model.action_ids == tuple(train_ids)
+    probe = model.action_probe
+    assert bool(probe.fitted) and probe.weight.abs().sum() > 0
+    # the fit is the one of fit_action_probe on the training actors (every one: a tiny root)
+    fresh = STVRModel(resolved.model)
+    stats = fit_action_probe(fresh, root, seed=0)
+    assert stats["actors"] == len(actor_index(root, "train")) and 0.5 < stats["train_auc"] <= 1.0
+    torch.testing.assert_close(fresh.action_probe.weight, probe.weight)
+    torch.testing.assert_close(fresh.action_probe.mean, probe.mean)
+    # resuming keeps the fitted probe (it is not fitted again), and the scale learns
+    before = {k: v.clone() for k, v in probe.state_dict().items()}
+    train(cfg, tmp_path / "run", max_steps=5, progress=False)
+    model2, _, state = load_checkpoint(tmp_path / "run")
+    assert int(state["step"]) == 5
+    for k in ("mean", "std", "weight", "bias"):
+        torch.testing.assert_close(model2.action_probe.state_dict()[k], before[k])
+    assert model2.action_probe.log_scale.item() != pytest.approx(math.log(INITIAL_SCALE), abs=1e-9)
+    # detections come out through the term (predict path)
+    from stvr.data.dataset import EvalPairDataset
+    from stvr.predict import predict_pairs
+
+    val = EvalPairDataset(root, split="val", image_size=64)
+    dets = predict_pairs(model2, val, progress=False, indices=[0])
+    assert len(dets) == 1 and all(np.isfinite(np.asarray(d, dtype=float)).all() for d in dets[0] if len(d))
