@@ -18,6 +18,10 @@ seeds before the end-to-end training (``stvr demo``, ~8 minutes a seed):
 ``--groups 1 3``: also score each box by the mean map of the 3 clips of its second (the cpu
 preset's ``model.match_clips=3``) instead of its own clip's. ``--set model.tiny_width=32``:
 cpu-preset overrides for every ``--weights`` (e.g. for the weights of a wider backbone).
+``--score action``: score each box by minus the L1 distance between the action probabilities of its
+crop mean and the query's, read by the action probe of ``model.match_action_distance``
+(:func:`stvr.pretrain.fit_action_probe`: a linear multi-label classifier fitted on the root's
+training actors) instead of the cosine; ``--score cosine action`` prints both.
 
 Prints a Markdown table and writes ``benchmarks/results/bench_backbone_match[-TAG].json``.
 """
@@ -25,6 +29,8 @@ Prints a Markdown table and writes ``benchmarks/results/bench_backbone_match[-TA
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import time
 from pathlib import Path
@@ -66,18 +72,40 @@ def crop_means(maps: torch.Tensor, boxes: np.ndarray, cfg) -> torch.Tensor:
     return crops.mean((2, 3))
 
 
+def action_probe_model(root: Path, cfg) -> torch.nn.Module:
+    """An :class:`stvr.model.STVRModel` of ``cfg`` (pretrained backbone) whose action probe
+    (``model.match_action_distance``) is fitted on the training actors of ``root``."""
+    from stvr.data.actors import actor_index
+    from stvr.model import STVRModel
+    from stvr.pretrain import fit_action_probe
+
+    ids = tuple(actor_index(root, "train").action_ids)
+    model = STVRModel(dataclasses.replace(cfg, match_action_distance=True, freeze_backbone=True,
+                                          action_ids=ids)).eval()
+    fit_action_probe(model, root, seed=0)
+    return model
+
+
 def exact_box_detections(root: Path, weights: str, split: str, group: int = 1,
-                         overrides: tuple[str, ...] = ()) -> tuple[list, list, dict]:
+                         overrides: tuple[str, ...] = (), score: str = "cosine") -> tuple[list, list, dict]:
     """``(pairs, detections, actors)``: every annotated actor of every reference clip at its exact
     box, scored by the cosine of its crop mean with the query's mean crop (API.md section 4).
     ``group=3``: the actor's crop mean is averaged over the 3 clips of its second (at the second's
     box), as the cpu preset's ``model.match_clips``. ``overrides``: ``--set`` strings applied to the
-    cpu preset (e.g. ``model.tiny_width=32`` for the weights of a wider backbone)."""
+    cpu preset (e.g. ``model.tiny_width=32`` for the weights of a wider backbone). ``score="action"``:
+    minus the L1 distance of action probabilities (:func:`action_probe_model`) instead of the cosine."""
     cfg = apply_overrides(preset("cpu"), overrides).model
     info = load_dataset_json(root)
     cfg.backbone_weights = None if weights == "none" else weights
     torch.manual_seed(0)                      # the random initialization of "none"
-    backbone = build_backbone(cfg).eval()
+    probe = None
+    if score == "action":
+        model = action_probe_model(root, cfg)
+        backbone, probe = model.backbone, model.action_probe
+    elif score == "cosine":
+        backbone = build_backbone(cfg).eval()
+    else:
+        raise ValueError(f"unknown score {score!r}; choose 'cosine' or 'action'")
     pairs = load_pairs(root / "pairs" / f"{split}.json")
     actors = load_actors(root)
     per_second = int(info.get("fps", 24)) // cfg.clip_frames
@@ -91,7 +119,8 @@ def exact_box_detections(root: Path, weights: str, split: str, group: int = 1,
         q = p["query"]
         qmaps = torch.cat([maps[(q["id"], int(s))] for s in q["frames"]])
         qboxes = np.repeat(np.asarray(q["boxes"], np.float32), per_second, axis=0)
-        qvec = F.normalize(crop_means(qmaps, qboxes, cfg).mean(0), dim=0)
+        qmean = crop_means(qmaps, qboxes, cfg).mean(0)
+        qvec = F.normalize(qmean, dim=0)
         ref = p["reference"]
         dets = []
         for s in range(ref["start"], ref["end"]):
@@ -102,16 +131,22 @@ def exact_box_detections(root: Path, weights: str, split: str, group: int = 1,
                     dets.extend([] for _ in range(size))
                     continue
                 m = maps[(ref["id"], s)][first:first + size].mean(0).expand(len(boxes), -1, -1, -1)
-                cos = F.normalize(crop_means(m, boxes, cfg), dim=1) @ qvec
-                rows = [[*map(float, b), float(c)] for b, c in zip(boxes, cos)]
+                means = crop_means(m, boxes, cfg)
+                if probe is None:
+                    sc = F.normalize(means, dim=1) @ qvec
+                else:
+                    with torch.no_grad():
+                        sc = -probe.distance(means, qmean.expand_as(means))
+                rows = [[*map(float, b), float(c)] for b, c in zip(boxes, sc)]
                 dets.extend([list(r) for r in rows] for _ in range(size))
         detections.append(dets)
     return pairs, detections, actors
 
 
-def score_root(root: Path, weights: str, split: str, group: int = 1, overrides: tuple[str, ...] = ()) -> dict:
+def score_root(root: Path, weights: str, split: str, group: int = 1, overrides: tuple[str, ...] = (),
+               score: str = "cosine") -> dict:
     """Frame-mAP@0.5, match AUC and chance frame-mAP (percent) of :func:`exact_box_detections`."""
-    pairs, detections, actors = exact_box_detections(root, weights, split, group, overrides)
+    pairs, detections, actors = exact_box_detections(root, weights, split, group, overrides, score)
     per_second = len(detections[0]) // max(1, pairs[0]["reference"]["end"] - pairs[0]["reference"]["start"])
     fm = frame_map(pairs, detections, 0.5, per_second)
     diag = match_diagnostics(pairs, detections, actors, 0.5, per_second)
@@ -131,28 +166,30 @@ def main() -> None:
                          "its second, as model.match_clips=3); one table row per value")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a cpu-preset field for every --weights (e.g. model.tiny_width=32)")
+    ap.add_argument("--score", nargs="+", default=["cosine"], choices=["cosine", "action"],
+                    help="cosine of crop means, or minus the L1 distance of the action probe's "
+                         "probabilities (model.match_action_distance); one table row per value")
     ap.add_argument("--tag", default="", help="suffix of the results file")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results: dict = {"split": args.split, "overrides": args.overrides, "runs": []}
+    results: dict = {"split": args.split, "overrides": args.overrides, "scores": args.score, "runs": []}
     t0 = time.perf_counter()
-    print("| weights | clips | root | frame-mAP@0.5 | match AUC | chance | x chance |\n"
-          "|---|---:|---|---:|---:|---:|---:|")
-    for w in args.weights:
-        for g in args.groups:
-            row = []
-            for root in args.roots:
-                r = score_root(root, w, args.split, g, tuple(args.overrides))
-                r.update(weights=w, root=str(root), clips=g)
-                results["runs"].append(r)
-                row.append(r)
-                print(f"| {w} | {g} | {root.name} | {r['mAP']:.1f} | {r['match_auc']:.3f} | {r['chance_mAP']:.1f} | "
-                      f"{r['mAP'] / r['chance_mAP']:.2f} |", flush=True)
-            print(f"| {w} | {g} | **mean** | {np.mean([r['mAP'] for r in row]):.1f} | "
-                  f"{np.mean([r['match_auc'] for r in row]):.3f} | {np.mean([r['chance_mAP'] for r in row]):.1f} | "
-                  f"{np.mean([r['mAP'] / r['chance_mAP'] for r in row]):.2f} |", flush=True)
+    print("| weights | score | clips | root | frame-mAP@0.5 | match AUC | chance | x chance |\n"
+          "|---|---|---:|---|---:|---:|---:|---:|")
+    for w, sc, g in itertools.product(args.weights, args.score, args.groups):
+        row = []
+        for root in args.roots:
+            r = score_root(root, w, args.split, g, tuple(args.overrides), sc)
+            r.update(weights=w, root=str(root), clips=g, score=sc)
+            results["runs"].append(r)
+            row.append(r)
+            print(f"| {w} | {sc} | {g} | {root.name} | {r['mAP']:.1f} | {r['match_auc']:.3f} | "
+                  f"{r['chance_mAP']:.1f} | {r['mAP'] / r['chance_mAP']:.2f} |", flush=True)
+        print(f"| {w} | {sc} | {g} | **mean** | {np.mean([r['mAP'] for r in row]):.1f} | "
+              f"{np.mean([r['match_auc'] for r in row]):.3f} | {np.mean([r['chance_mAP'] for r in row]):.1f} | "
+              f"{np.mean([r['mAP'] / r['chance_mAP'] for r in row]):.2f} |", flush=True)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(__file__).parent / "results" / f"bench_backbone_match{'-' + args.tag if args.tag else ''}.json"
     out.write_text(json.dumps(results, indent=1) + "\n")

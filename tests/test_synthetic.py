@@ -456,6 +456,43 @@ def test_bench_backbone_match_scores_every_annotated_actor(root):
             assert per_pair[j] == per_pair[j + 1] == per_pair[j + 2]
 
 
+def test_bench_backbone_match_action_score_is_the_probes_l1_distance(root):
+    # --score action: the same boxes, scored by minus the L1 distance between the action
+    # probabilities (model.match_action_distance's probe, fitted on the training actors) of the
+    # box's crop mean and of the query's mean crop
+    import torch
+
+    from stvr.config import preset
+
+    bench = _benchmark("bench_backbone_match")
+    r, _ = root
+    pairs, cos, actors = bench.exact_box_detections(r, "builtin", "test", group=3)
+    _, act, _ = bench.exact_box_detections(r, "builtin", "test", group=3, score="action")
+    boxes = lambda d: [[[row[:4] for row in c] for c in p] for p in d]  # noqa: E731
+    assert boxes(act) == boxes(cos)
+    cfg = preset("cpu").model
+    model = bench.action_probe_model(r, cfg)
+    ids = model.cfg.action_ids
+    scores = np.asarray([row[4] for p in act for c in p for row in c])
+    assert len(ids) >= 2 and scores.min() >= -len(ids) and scores.max() <= 0 and scores.std() > 0
+    # one detection by hand: the first annotated box of the first pair's reference
+    p = pairs[0]
+    q, ref = p["query"], p["reference"]
+    keys = [(q["id"], int(s)) for s in q["frames"]]
+    j = next(j for j, c in enumerate(act[0]) if c)
+    second = ref["start"] + j // 3
+    maps = bench.clip_maps(r, cfg, model.backbone, sorted(set(keys + [(ref["id"], second)])))
+    qm = bench.crop_means(torch.cat([maps[k] for k in keys]), np.repeat(np.asarray(q["boxes"], np.float32), 3, 0),
+                          cfg).mean(0, keepdim=True)
+    box = np.asarray([act[0][j][0][:4]], np.float32)
+    pm = bench.crop_means(maps[(ref["id"], second)].mean(0, keepdim=True), box, cfg)
+    with torch.no_grad():
+        want = -model.action_probe.distance(pm, qm).item()
+    assert act[0][j][0][4] == pytest.approx(want, abs=1e-5)
+    with pytest.raises(ValueError, match="unknown score"):
+        bench.exact_box_detections(r, "builtin", "test", score="dot")
+
+
 def test_bench_backbone_match_overrides_reach_the_backbone(root, tmp_path):
     # --set: weights of another backbone shape load only with the matching override (a random
     # width-8 backbone saved as a file), and a changed RoI mapping changes the scores

@@ -232,6 +232,8 @@ def fit_action_probe(model: nn.Module, root: str | Path, *, max_seconds: int = 7
     ``match_clips`` groups of a second), and every annotated person of the second gives one sample:
     the crop mean at its box (the model's RoI crop) and its multi-hot actions over
     ``model.cfg.action_ids``. Only ``annotations/train.csv`` is read: held-out labels stay unseen.
+    The clips go through the backbone ``batch_size`` seconds at a time (memory: one batch of clips
+    plus one ``[C, h, w]`` map per second).
 
     Returns ``{"seconds", "actors", "loss", "train_auc"}`` (``train_auc``: mean per-action ROC AUC
     of the fitted probe on its own samples, NaN-free actions only).
@@ -255,10 +257,14 @@ def fit_action_probe(model: nn.Module, root: str | Path, *, max_seconds: int = 7
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(len(keys), size=min(int(max_seconds), len(keys)), replace=False).tolist())
     entries = [seconds[keys[i]] for i in chosen]
-    clips = torch.cat([dataset.second_clips(e[0]) for e in entries])
     device = next(model.parameters()).device
-    maps = torch.cat([model.run_backbone(c.to(device)) for c in clips.split(batch_size)])
-    maps = maps.view(len(entries), per_second, *maps.shape[1:]).mean(1)        # [S, C, h, w]
+    maps = []                       # [S, C, h, w]: the mean map of each second, batch_size seconds at a time
+    for start in range(0, len(entries), batch_size):       # (clips of all seconds at once: GBs)
+        chunk = entries[start:start + batch_size]
+        clips = torch.cat([dataset.second_clips(e[0]) for e in chunk]).to(device)
+        m = model.run_backbone(clips)
+        maps.append(m.view(len(chunk), per_second, *m.shape[1:]).mean(1))
+    maps = torch.cat(maps)
     owner = torch.tensor([i for i, e in enumerate(entries) for _ in e], device=device)
     rows = [k for e in entries for k in e]
     boxes = torch.as_tensor(index.boxes[rows], device=device)
