@@ -157,3 +157,47 @@ def test_training_fits_the_probe_on_training_actors_and_keeps_it(root, tmp_path)
     val = EvalPairDataset(root, split="val", image_size=64)
     dets = predict_pairs(model2, val, progress=False, indices=[0])
     assert len(dets) == 1 and all(np.isfinite(np.asarray(d, dtype=float)).all() for d in dets[0] if len(d))
+
+
+def _fit_worker(rank: int, world: int, port: int, root: str, queue) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        from stvr.pretrain import fit_action_probe
+
+        model = STVRModel(apply_overrides(preset("cpu"), ON + ["model.action_ids=1,2,3,4,5,6,7,8"]).model)
+        stats = fit_action_probe(model, root, batch_size=2)
+        queue.put((rank, stats["actors"], model.action_probe.weight.numpy().copy(), model.action_probe.mean.numpy().copy()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_processes_share_the_fit_and_get_the_probe_of_one_process(root):
+    # under torch.distributed each process computes every world_size-th block of seconds and the
+    # features are gathered in block order: every rank fits the probe a single process fits
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from stvr.pretrain import fit_action_probe
+
+    single = STVRModel(apply_overrides(preset("cpu"), ON + ["model.action_ids=1,2,3,4,5,6,7,8"]).model)
+    stats = fit_action_probe(single, root, batch_size=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_fit_worker, args=(r, 2, port, str(root), queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    results = sorted((queue.get(timeout=5) for _ in procs), key=lambda r: r[0])
+    for rank, actors, weight, mean in results:
+        assert actors == stats["actors"]
+        torch.testing.assert_close(torch.from_numpy(weight), single.action_probe.weight)
+        torch.testing.assert_close(torch.from_numpy(mean), single.action_probe.mean)

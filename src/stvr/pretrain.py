@@ -232,8 +232,9 @@ def fit_action_probe(model: nn.Module, root: str | Path, *, max_seconds: int = 7
     ``match_clips`` groups of a second), and every annotated person of the second gives one sample:
     the crop mean at its box (the model's RoI crop) and its multi-hot actions over
     ``model.cfg.action_ids``. Only ``annotations/train.csv`` is read: held-out labels stay unseen.
-    The clips go through the backbone ``batch_size`` seconds at a time (memory: one batch of clips
-    plus one ``[C, h, w]`` map per second).
+    The clips go through the backbone ``batch_size`` seconds at a time (memory: one batch of clips);
+    under ``torch.distributed`` the processes share the blocks of seconds and gather the features,
+    so each fits the same probe, as one process would.
 
     Returns ``{"seconds", "actors", "loss", "train_auc"}`` (``train_auc``: mean per-action ROC AUC
     of the fitted probe on its own samples, NaN-free actions only).
@@ -258,19 +259,31 @@ def fit_action_probe(model: nn.Module, root: str | Path, *, max_seconds: int = 7
     chosen = sorted(rng.choice(len(keys), size=min(int(max_seconds), len(keys)), replace=False).tolist())
     entries = [seconds[keys[i]] for i in chosen]
     device = next(model.parameters()).device
-    maps = []                       # [S, C, h, w]: the mean map of each second, batch_size seconds at a time
-    for start in range(0, len(entries), batch_size):       # (clips of all seconds at once: GBs)
-        chunk = entries[start:start + batch_size]
-        clips = torch.cat([dataset.second_clips(e[0]) for e in chunk]).to(device)
+
+    def block_features(block: list[list[int]]) -> Tensor:
+        """Crop means ``[actors, C]`` of the annotated persons of a block of seconds."""
+        clips = torch.cat([dataset.second_clips(e[0]) for e in block]).to(device)
         m = model.run_backbone(clips)
-        maps.append(m.view(len(chunk), per_second, *m.shape[1:]).mean(1))
-    maps = torch.cat(maps)
-    owner = torch.tensor([i for i, e in enumerate(entries) for _ in e], device=device)
+        maps = m.view(len(block), per_second, *m.shape[1:]).mean(1)           # [seconds, C, h, w]
+        owner = torch.tensor([i for i, e in enumerate(block) for _ in e], device=device)
+        boxes = torch.as_tensor(index.boxes[[k for e in block for k in e]], device=device)
+        crops = crop_features(maps, boxes.to(maps.dtype), owner, cfg.roi_crop_size, mapping=cfg.roi_mapping,
+                              image_size=cfg.image_size)
+        return crops.mean((2, 3))
+
+    # blocks of batch_size seconds (all clips at once would take GBs); under torch.distributed each
+    # process computes every world_size-th block and all gather them, in block order
+    blocks = [entries[i:i + batch_size] for i in range(0, len(entries), batch_size)]
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    mine = {b: block_features(blocks[b]).cpu() for b in range(rank, len(blocks), world)}
+    if world > 1:
+        shards: list[Any] = [None] * world
+        torch.distributed.all_gather_object(shards, mine)
+        mine = {b: f for shard in shards for b, f in shard.items()}
+    features = torch.cat([mine[b] for b in range(len(blocks))]).to(device)
     rows = [k for e in entries for k in e]
-    boxes = torch.as_tensor(index.boxes[rows], device=device)
-    crops = crop_features(maps, boxes.to(maps.dtype), owner, cfg.roi_crop_size, mapping=cfg.roi_mapping,
-                          image_size=cfg.image_size)
-    features = crops.mean((2, 3))
     targets = torch.as_tensor(index.targets[rows], device=device)
     loss = probe.fit(features, targets)
     scores = probe.logits(features).cpu().numpy()
