@@ -134,6 +134,10 @@ class STVRModel(nn.Module):
                 raise ValueError("model.match_action_distance needs a frozen pretrained backbone "
                                  "(model.freeze_backbone with backbone weights): the action probe is fitted "
                                  "once on its features")
+            if not cfg.action_ids:
+                raise ValueError("model.match_action_distance needs model.action_ids, the actions of its probe: "
+                                 "training sets them from the training annotations (stvr.train.with_action_ids); "
+                                 "to build the model by hand, give them (--set model.action_ids=1,2,3)")
             self.action_probe = ActionProbe(channels, len(cfg.action_ids))
         self.box_coder = BoxCoder(tuple(float(w) for w in cfg.box_coder_weights))
         self.anchor_generator = anchor_generator(cfg)
