@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from .backbones import build_backbone
 from .config import ModelConfig
 from .data.actors import ActorClipDataset, actor_index
+from .data.pairs import load_dataset_json
 from .evaluation import roc_auc
 
 log = logging.getLogger(__name__)
@@ -246,7 +247,7 @@ def fit_action_probe(model: nn.Module, root: str | Path, *, max_seconds: int = 7
         raise ValueError("the model has no action probe (model.match_action_distance is off)")
     cfg = model.cfg
     index = actor_index(root, "train", action_ids=[int(a) for a in cfg.action_ids])
-    info_fps = int(fps) if fps is not None else int(json.loads((Path(root) / "dataset.json").read_text()).get("fps", 24))
+    info_fps = int(fps) if fps is not None else int(load_dataset_json(Path(root)).get("fps", 24))
     dataset = ActorClipDataset(root, index, cfg.image_size, fps=info_fps, clip_frames=cfg.clip_frames,
                                cache_dir=cache_dir)
     per_second = dataset.per_second

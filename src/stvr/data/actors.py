@@ -140,16 +140,17 @@ class ActorClipDataset(Dataset):
     def frames(self, i: int) -> np.ndarray:
         """``uint8 [T, S, S, 3]`` frames of item ``i`` (unflipped)."""
         k, j = divmod(int(i), self.per_second)
+        return self._second_frames(k)[j * self.clip_frames:(j + 1) * self.clip_frames]
+
+    def _second_frames(self, k: int) -> np.ndarray:
+        """``uint8 [fps, S, S, 3]`` frames of entry ``k``'s second."""
         vid, sec = self.index.video_ids[k], int(self.index.seconds[k])
-        path = resolve_video_path(self.root, self.info, vid)
-        f = np.asarray(self.cache.frames(vid, path, sec, sec + 1))
-        return f[j * self.clip_frames:(j + 1) * self.clip_frames]
+        return np.asarray(self.cache.frames(vid, resolve_video_path(self.root, self.info, vid), sec, sec + 1))
 
     def second_clips(self, k: int) -> Tensor:
         """All clips of entry ``k``'s second, unflipped: ``float32 [fps // T, 3, T, S, S]`` in [-1, 1]."""
-        vid, sec = self.index.video_ids[k], int(self.index.seconds[k])
-        f = np.asarray(self.cache.frames(vid, resolve_video_path(self.root, self.info, vid), sec, sec + 1))
-        return frames_to_clips(np.ascontiguousarray(f[:self.per_second * self.clip_frames]), self.clip_frames)
+        f = self._second_frames(k)[:self.per_second * self.clip_frames]
+        return frames_to_clips(np.ascontiguousarray(f), self.clip_frames)
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
         k = int(i) // self.per_second

@@ -280,12 +280,11 @@ class STVRModel(nn.Module):
             cos = torch.cosine_similarity(own_mean.flatten(1), attended.mean((2, 3)), dim=1, eps=1e-6)
             logits = self.head.add_match_cosine(logits, cos)
         if self.action_probe is not None:
-            pairs = clip_pair[clip_index]
-            n = int(torch.maximum(pairs.max(), query_index.max()).item()) + 1 if pairs.numel() else 1
-            query_sum = query_feats.new_zeros(n, query_feats.shape[1]).index_add_(0, query_index,
-                                                                                 query_feats.mean((2, 3)))
-            query_mean = query_sum / torch.bincount(query_index, minlength=n).clamp(min=1)[:, None].to(query_sum.dtype)
-            distance = self.action_probe.distance(own_mean.flatten(1), query_mean[pairs])
+            q = query_feats.mean((2, 3))                                   # [Nq, C] -> per pair [B, C]
+            n = int(query_index.max()) + 1
+            query_mean = (q.new_zeros(n, q.shape[1]).index_add_(0, query_index, q)
+                          / torch.bincount(query_index, minlength=n).to(q.dtype)[:, None])
+            distance = self.action_probe.distance(own_mean.flatten(1), query_mean[clip_pair[clip_index]])
             logits = self.action_probe.add_to_match_logit(logits, distance)
         return logits, codes, iou
 
