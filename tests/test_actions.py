@@ -118,6 +118,51 @@ def test_the_term_needs_a_frozen_pretrained_backbone_and_distinct_action_ids():
         STVRModel(apply_overrides(preset("cpu"), ON).model)
 
 
+def test_auto_is_on_exactly_where_the_backbone_is_frozen_and_pretrained(root):
+    from stvr.config import config_from_dict, config_to_dict, resolve_action_distance, validate_config
+    from stvr.train import with_action_ids
+
+    auto = apply_overrides(preset("cpu"), ["model.image_size=64", "model.match_action_distance=auto",
+                                           f"data.root={root}"])
+    assert auto.model.match_action_distance == "auto" and resolve_action_distance(auto.model) is True
+    # the setting parses back from and to true / false, keeps "auto" through a saved config, refuses others
+    assert apply_overrides(auto, ["model.match_action_distance=false"]).model.match_action_distance is False
+    assert apply_overrides(auto, ["model.match_action_distance=on"]).model.match_action_distance is True
+    assert config_from_dict(config_to_dict(auto)).model.match_action_distance == "auto"
+    with pytest.raises(ValueError, match="match_action_distance"):
+        apply_overrides(auto, ["model.match_action_distance=sometimes"])
+    bad = config_to_dict(auto)
+    bad["model"]["match_action_distance"] = "yes"
+    with pytest.raises(ValueError, match="true, false or 'auto'"):
+        validate_config(config_from_dict(bad))
+    # off wherever the probe could not stay valid: a trained or a random backbone (no error)
+    unfrozen = apply_overrides(auto, ["model.freeze_backbone=false"])
+    random_init = apply_overrides(auto, ["model.backbone_weights=none"])
+    paper = apply_overrides(preset("paper"), ["model.match_action_distance=auto", "model.i3d_random_init=true"])
+    for cfg in (unfrozen, random_init, paper):
+        assert resolve_action_distance(cfg.model) is False
+        assert with_action_ids(cfg) is cfg
+        assert STVRModel(apply_overrides(cfg, ["model.action_ids=1,2"]).model).action_probe is None
+    # training fills the training annotations' actions; the config keeps "auto", the model has the term
+    resolved = with_action_ids(auto)
+    assert resolved.model.match_action_distance == "auto"
+    assert resolved.model.action_ids == tuple(actor_index(root, "train").action_ids)
+    assert STVRModel(resolved.model).action_probe.num_actions == len(resolved.model.action_ids)
+    # ... off without training annotations to fit the probe on (an in-memory training set); an
+    # explicit true says what is missing
+    elsewhere = apply_overrides(auto, [f"data.root={root / 'nowhere'}"])
+    assert with_action_ids(elsewhere) is elsewhere
+    with pytest.raises(ValueError, match="training annotations"):
+        with_action_ids(apply_overrides(elsewhere, ["model.match_action_distance=true"]))
+    # a model built by hand from an "auto" config: the term only where it can exist, never an error
+    assert STVRModel(auto.model).action_probe is None                       # no action ids given
+    with_ids = apply_overrides(auto, ["model.action_ids=1,2,3"]).model
+    assert STVRModel(with_ids).action_probe.num_actions == 3
+    no_weights = apply_overrides(auto, ["model.action_ids=1,2,3"]).model
+    no_weights.backbone_weights = None
+    assert STVRModel(no_weights).action_probe is None
+
+
 def test_training_fits_the_probe_on_training_actors_and_keeps_it(root, tmp_path):
     from stvr.checkpoint import load_checkpoint
     from stvr.pretrain import fit_action_probe
@@ -129,7 +174,7 @@ def test_training_fits_the_probe_on_training_actors_and_keeps_it(root, tmp_path)
     train_ids = actor_index(root, "train").action_ids
     resolved = with_action_ids(cfg)
     assert resolved.model.action_ids == tuple(train_ids) and cfg.model.action_ids == ()
-    off = apply_overrides(preset("cpu"), ["model.image_size=64"])
+    off = apply_overrides(preset("cpu"), ["model.image_size=64", "model.match_action_distance=false"])
     assert with_action_ids(off) is off
     train(cfg, tmp_path / "run", max_steps=3, progress=False)
     model, saved_cfg, _ = load_checkpoint(tmp_path / "run")

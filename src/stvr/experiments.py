@@ -44,12 +44,15 @@ def prepare_data(root: str | Path, overrides: Sequence[str] = (), progress: bool
 
 def run_config(preset_name: str, data_root: str | Path, seed: int, device: str,
                overrides: Sequence[str] = ()):
-    """The ``preset_name`` config on ``data_root`` with ``train.seed``/``train.device`` and overrides."""
+    """The ``preset_name`` config on ``data_root`` with ``train.seed``/``train.device`` and
+    overrides, with the action ids of the root's training annotations where the action distance
+    term is on (:func:`stvr.train.with_action_ids`: the config a run trained on it saves)."""
     from .config import apply_overrides, preset
+    from .train import with_action_ids
 
     cfg = apply_overrides(preset(preset_name), [f"data.root={data_root}", f"train.seed={seed}",
                                                 f"train.device={device}", *overrides])
-    return cfg
+    return with_action_ids(cfg)
 
 
 def config_matches(run_dir: Path, cfg) -> bool:

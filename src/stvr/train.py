@@ -49,7 +49,7 @@ from .checkpoint import (CHECKPOINT_BEST, CHECKPOINT_LAST, checkpoint_files,  # 
                          dataset_provenance, load_checkpoint, recover_checkpoint,
                          resolve_checkpoint, restore_training_state, rng_state,
                          save_checkpoint, unwrap_model)
-from .config import Config, save_config
+from .config import Config, resolve_action_distance, save_config
 from .utils import resolve_device
 
 log = logging.getLogger(__name__)
@@ -354,14 +354,30 @@ def _training_root(cfg: Config, train_set: Dataset) -> Path:
 
 def with_action_ids(cfg: Config, root: str | Path | None = None) -> Config:
     """``cfg`` with ``model.action_ids`` set to every action id of the training annotations
-    (``<root>/annotations/train.csv``, default ``data.root``) when ``model.match_action_distance``
-    is on and the ids are not given; else ``cfg`` itself."""
-    if not cfg.model.match_action_distance or cfg.model.action_ids:
+    (``<root>/annotations/train.csv``, default ``data.root``) when the action distance term is on
+    (``model.match_action_distance``) and the ids are not given; else ``cfg`` itself.
+
+    ``"auto"`` is on where the backbone is frozen and pretrained
+    (:func:`~stvr.config.resolve_action_distance`) and the annotations exist to fit the probe on
+    (an in-memory training set has none: off, with a warning); the config keeps ``"auto"`` and the
+    model builds the term exactly when it has the ids. ``ValueError`` when the term is set on
+    explicitly and the annotations are missing."""
+    m = cfg.model
+    if not resolve_action_distance(m) or m.action_ids:
         return cfg
+    annotations = Path(root or cfg.data.root) / "annotations" / "train.csv"
+    if not annotations.is_file():
+        if m.match_action_distance == "auto":
+            log.warning("model.match_action_distance=auto: off (no training annotations at %s to fit the "
+                        "action probe on)", annotations)
+            return cfg
+        raise ValueError(f"model.match_action_distance needs the training annotations to fit its action probe "
+                         f"on, and {annotations} does not exist (set model.match_action_distance=false, or "
+                         f"data.root to the training set)")
     from .data.actors import actor_index
 
-    ids = tuple(int(a) for a in actor_index(root or cfg.data.root, "train").action_ids)
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, action_ids=ids))
+    ids = tuple(int(a) for a in actor_index(annotations.parent.parent, "train").action_ids)
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, action_ids=ids))
 
 
 def _fit_action_probe(cfg: Config, model: nn.Module, train_set: Dataset) -> None:

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..model import STVRModel
     from ..checkpoint import load_checkpoint
-    from ..train import spawn_train, train, with_action_ids
+    from ..train import spawn_train, train
 
     t_start = time.perf_counter()
     progress = not args.quiet
@@ -95,11 +95,12 @@ def run(args: argparse.Namespace) -> int:
     procs = training_processes(args.procs, device, cfg.train.batch_size)
     if procs > 1:
         cfg.train.batch_size //= procs        # per process; the step's batch stays the same
-    cfg = with_action_ids(cfg)             # (model.match_action_distance: the training annotations' actions)
     resume = not args.fresh and config_matches(out, cfg)
     if not args.fresh and (out / "config.json").exists() and not resume:
         print(f"      {out} holds a run of another config or other starting weights: training from scratch")
     how = f"{procs} processes x {cfg.train.batch_size} pairs" if procs > 1 else device
+    if cfg.model.action_ids:                  # the action distance term (model.match_action_distance)
+        how += f"; action probe over the {len(cfg.model.action_ids)} training actions"
     print(f"[2/4] training the {cfg.model.cell} model ({args.preset} preset, {steps} steps, "
           f"seed {args.seed}, {how}) -> {out}")
     t0 = time.perf_counter()

@@ -55,7 +55,8 @@ Details and the places where this differs from the official TensorFlow code:
   ``s * cos`` of the backbone crop means of proposal and attended query to the match logit;
   ``match_action_distance`` subtracts ``s * L1`` between the action probabilities of the
   proposal and of the query's mean crop, read by a linear probe fitted on the training
-  actors before training (:mod:`.actions`).
+  actors before training (:mod:`.actions`; ``"auto"``, the cpu preset's value: built when the
+  backbone is frozen and pretrained and ``action_ids`` are given, which training fills in).
 * **Post-processing** (section 4.7): softmax, class-specific decoding, clipping
   to the image, per-class NMS 0.6, 15 per class, 30 per clip; only the
   query-match class is returned.

@@ -129,7 +129,13 @@ class STVRModel(nn.Module):
                             cosine=cfg.match_cosine)
         # the action distance term of the match logit (.actions): fitted on the frozen backbone's features
         self.action_probe = None
-        if cfg.match_action_distance:
+        if cfg.match_action_distance == "auto":
+            # a model built by hand from a preset: the term where it can exist (training resolves
+            # the setting to true or false before it builds the model: stvr.train.with_action_ids)
+            use_actions = self.backbone_frozen and bool(cfg.action_ids)
+        else:
+            use_actions = bool(cfg.match_action_distance)
+        if use_actions:
             if not self.backbone_frozen:
                 raise ValueError("model.match_action_distance needs a frozen pretrained backbone "
                                  "(model.freeze_backbone with backbone weights): the action probe is fitted "
@@ -298,7 +304,7 @@ class STVRModel(nn.Module):
         with the concat features or for the propagated clip's own map, ``cosine_maps`` None
         without ``model.match_cosine`` and ``model.match_action_distance``."""
         cfg, clips = self.cfg, self.cfg.match_clips
-        needs_backbone = cfg.match_cosine or cfg.match_action_distance
+        needs_backbone = cfg.match_cosine or self.action_probe is not None
         cosine_maps = group_mean(backbone_maps, pair, time, clips) if needs_backbone else None
         if cfg.match_features == "concat":
             return None, cosine_maps
