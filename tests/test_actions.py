@@ -154,6 +154,13 @@ def test_auto_is_on_exactly_where_the_backbone_is_frozen_and_pretrained(root):
     assert with_action_ids(elsewhere) is elsewhere
     with pytest.raises(ValueError, match="training annotations"):
         with_action_ids(apply_overrides(elsewhere, ["model.match_action_distance=true"]))
+    # the training set's own root decides: an in-memory set (no root) leaves the term off even when
+    # data.root holds annotations (they may be of other data), a set with a root reads its own
+    from stvr.train import _with_training_action_ids
+
+    assert _with_training_action_ids(auto, object()) is auto
+    own = type("OwnRoot", (), {"root": root})()
+    assert _with_training_action_ids(elsewhere, own).model.action_ids == resolved.model.action_ids
     # a model built by hand from an "auto" config: the term only where it can exist, never an error
     assert STVRModel(auto.model).action_probe is None                       # no action ids given
     with_ids = apply_overrides(auto, ["model.action_ids=1,2,3"]).model
@@ -181,6 +188,10 @@ def test_training_fits_the_probe_on_training_actors_and_keeps_it(root, tmp_path)
     assert saved_cfg.model.action_ids == tuple(train_ids)
     probe = model.action_probe
     assert bool(probe.fitted) and probe.weight.abs().sum() > 0
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "run" / "last.safetensors"), framework="pt") as f:   # floats, as every run
+        assert all(f.get_tensor(k).dtype == torch.float32 for k in f.keys() if "num_batches" not in k)
     # the fit is the one of fit_action_probe on the training actors (every one: a tiny root)
     fresh = STVRModel(resolved.model)
     stats = fit_action_probe(fresh, root, seed=0)

@@ -314,7 +314,7 @@ def train(cfg: Config, out_dir: str | Path, *, resume: bool = True,
     if train_set is None:
         train_set, default_val = build_datasets(cfg)
         val_set = val_set if val_set is not None else default_val
-    cfg = with_action_ids(cfg, _training_root(cfg, train_set))
+    cfg = _with_training_action_ids(cfg, train_set)
     out = _prepare_run_folder(cfg, Path(out_dir), dist_info)
 
     model, optimizer = _build_model(cfg, device)
@@ -378,6 +378,18 @@ def with_action_ids(cfg: Config, root: str | Path | None = None) -> Config:
 
     ids = tuple(int(a) for a in actor_index(annotations.parent.parent, "train").action_ids)
     return dataclasses.replace(cfg, model=dataclasses.replace(m, action_ids=ids))
+
+
+def _with_training_action_ids(cfg: Config, train_set: Dataset) -> Config:
+    """:func:`with_action_ids` on the training set's own root; ``"auto"`` stays off for a training
+    set without one (an in-memory set: ``data.root`` may hold other data), with a warning."""
+    root = getattr(train_set, "root", None)
+    if root is None and cfg.model.match_action_distance == "auto" and not cfg.model.action_ids \
+            and resolve_action_distance(cfg.model):
+        log.warning("model.match_action_distance=auto: off (the training set has no dataset root whose "
+                    "annotations the action probe could be fitted on)")
+        return cfg
+    return with_action_ids(cfg, root or cfg.data.root)
 
 
 def _fit_action_probe(cfg: Config, model: nn.Module, train_set: Dataset) -> None:

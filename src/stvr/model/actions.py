@@ -34,7 +34,7 @@ class ActionProbe(nn.Module):
     learned weight of its distance in the match logit.
 
     Buffers: ``mean``/``std`` ``[C]`` (feature standardization), ``weight [A, C]``, ``bias [A]``,
-    ``fitted`` (0-d bool). Parameter: ``log_scale`` (0-d).
+    ``fitted`` (0-d, 1.0 once fitted; a float like every stored tensor). Parameter: ``log_scale`` (0-d).
     """
 
     def __init__(self, channels: int, num_actions: int) -> None:
@@ -45,7 +45,7 @@ class ActionProbe(nn.Module):
         self.register_buffer("std", torch.ones(channels))
         self.register_buffer("weight", torch.zeros(num_actions, channels))
         self.register_buffer("bias", torch.zeros(num_actions))
-        self.register_buffer("fitted", torch.tensor(False))
+        self.register_buffer("fitted", torch.tensor(0.0))
         self.log_scale = nn.Parameter(torch.tensor(math.log(INITIAL_SCALE)))
 
     @property
@@ -104,5 +104,5 @@ class ActionProbe(nn.Module):
         self.std.copy_(std.to(self.std.dtype))
         self.weight.copy_(w.detach().to(self.weight.dtype))
         self.bias.copy_(b.detach().to(self.bias.dtype))
-        self.fitted.fill_(True)
+        self.fitted.fill_(1.0)
         return loss
