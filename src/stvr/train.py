@@ -359,7 +359,7 @@ def with_action_ids(cfg: Config, root: str | Path | None = None) -> Config:
 
     ``"auto"`` is on where the backbone is frozen and pretrained
     (:func:`~stvr.config.resolve_action_distance`) and the annotations exist to fit the probe on
-    (an in-memory training set has none: off, with a warning); the config keeps ``"auto"`` and the
+    (else off, with a warning); the config keeps ``"auto"`` and the
     model builds the term exactly when it has the ids. ``ValueError`` when the term is set on
     explicitly and the annotations are missing."""
     m = cfg.model
@@ -389,7 +389,7 @@ def _with_training_action_ids(cfg: Config, train_set: Dataset) -> Config:
         log.warning("model.match_action_distance=auto: off (the training set has no dataset root whose "
                     "annotations the action probe could be fitted on)")
         return cfg
-    return with_action_ids(cfg, root or cfg.data.root)
+    return with_action_ids(cfg, root)
 
 
 def _fit_action_probe(cfg: Config, model: nn.Module, train_set: Dataset) -> None:

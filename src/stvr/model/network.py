@@ -130,8 +130,8 @@ class STVRModel(nn.Module):
         # the action distance term of the match logit (.actions): fitted on the frozen backbone's features
         self.action_probe = None
         if cfg.match_action_distance == "auto":
-            # a model built by hand from a preset: the term where it can exist (training resolves
-            # the setting to true or false before it builds the model: stvr.train.with_action_ids)
+            # the term where it can exist: training fills action_ids exactly when it fits the probe
+            # (stvr.train.with_action_ids); a model built by hand without them has no term
             use_actions = self.backbone_frozen and bool(cfg.action_ids)
         else:
             use_actions = bool(cfg.match_action_distance)
