@@ -21,7 +21,10 @@ cpu-preset overrides for every ``--weights`` (e.g. for the weights of a wider ba
 ``--score action``: score each box by minus the L1 distance between the action probabilities of its
 crop mean and the query's, read by the action probe of ``model.match_action_distance``
 (:func:`stvr.pretrain.fit_action_probe`: a linear multi-label classifier fitted on the root's
-training actors) instead of the cosine; ``--score cosine action`` prints both.
+training actors) instead of the cosine; ``--score cosine action`` prints both. ``--score
+action-agree``: the same probe, scored by the log-probability that the box's actions agree with the
+query's, ``sum_a log(p_a q_a + (1 - p_a)(1 - q_a))`` (independent actions): a confident disagreement
+on one action costs more than several uncertain ones.
 
 Prints a Markdown table and writes ``benchmarks/results/bench_backbone_match[-TAG].json``.
 """
@@ -72,6 +75,14 @@ def crop_means(maps: torch.Tensor, boxes: np.ndarray, cfg) -> torch.Tensor:
     return crops.mean((2, 3))
 
 
+def agreement_log_probability(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``sum_a log(p_a q_a + (1 - p_a)(1 - q_a))`` ``[K]`` of action probabilities ``p [K, A]``
+    and ``q [1 or K, A]``: the log-probability that two actors with independent actions agree on
+    every action (0 when both are certain and equal)."""
+    agree = p * q + (1 - p) * (1 - q)
+    return agree.clamp_min(1e-6).log().sum(1)
+
+
 def action_probe_model(root: Path, cfg) -> torch.nn.Module:
     """An :class:`stvr.model.STVRModel` of ``cfg`` (pretrained backbone) whose action probe
     (``model.match_action_distance``) is fitted on the training actors of ``root``."""
@@ -99,13 +110,13 @@ def exact_box_detections(root: Path, weights: str, split: str, group: int = 1,
     cfg.backbone_weights = None if weights == "none" else weights
     torch.manual_seed(0)                      # the random initialization of "none"
     probe = None
-    if score == "action":
+    if score in ("action", "action-agree"):
         model = action_probe_model(root, cfg)
         backbone, probe = model.backbone, model.action_probe
     elif score == "cosine":
         backbone = build_backbone(cfg).eval()
     else:
-        raise ValueError(f"unknown score {score!r}; choose 'cosine' or 'action'")
+        raise ValueError(f"unknown score {score!r}; choose 'cosine', 'action' or 'action-agree'")
     pairs = load_pairs(root / "pairs" / f"{split}.json")
     actors = load_actors(root)
     per_second = int(info.get("fps", 24)) // cfg.clip_frames
@@ -134,9 +145,13 @@ def exact_box_detections(root: Path, weights: str, split: str, group: int = 1,
                 means = crop_means(m, boxes, cfg)
                 if probe is None:
                     sc = F.normalize(means, dim=1) @ qvec
-                else:
+                elif score == "action":
                     with torch.no_grad():
                         sc = -probe.distance(means, qmean.expand_as(means))
+                else:
+                    with torch.no_grad():
+                        sc = agreement_log_probability(probe.probabilities(means),
+                                                       probe.probabilities(qmean[None]))
                 rows = [[*map(float, b), float(c)] for b, c in zip(boxes, sc)]
                 dets.extend([list(r) for r in rows] for _ in range(size))
         detections.append(dets)
@@ -166,7 +181,7 @@ def main() -> None:
                          "its second, as model.match_clips=3); one table row per value")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a cpu-preset field for every --weights (e.g. model.tiny_width=32)")
-    ap.add_argument("--score", nargs="+", default=["cosine"], choices=["cosine", "action"],
+    ap.add_argument("--score", nargs="+", default=["cosine"], choices=["cosine", "action", "action-agree"],
                     help="cosine of crop means, or minus the L1 distance of the action probe's "
                          "probabilities (model.match_action_distance); one table row per value")
     ap.add_argument("--tag", default="", help="suffix of the results file")

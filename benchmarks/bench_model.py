@@ -9,6 +9,11 @@ memory is per case):
 * ``train``: one training step (forward + backward) of a batch of ``--batch``
   pairs with 2-second references and 1-second queries -> ms per reference second.
 
+A preset whose ``model.match_action_distance`` resolves on (the cpu preset's ``"auto"``: frozen
+pretrained backbone) is timed with its action probe over ``--actions`` actions (default 8, the
+synthetic benchmark's atoms; unfitted, which costs the same); the one-time fit of the probe before
+training is not part of a step (the demo's training log reports it).
+
 Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, peak RSS of the
 worker process (``ru_maxrss``, includes the Python/torch runtime) on CPU.
 
@@ -51,14 +56,18 @@ def _batch(cfg, pairs: int, seconds: int, device):
 def worker(args: argparse.Namespace) -> dict:
     import torch
 
-    from stvr.config import apply_overrides, preset
+    from stvr.config import apply_overrides, preset, resolve_action_distance
     from stvr.model import STVRModel
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = apply_overrides(preset(args.preset), [f"model.cell={args.cell}"]).model
+    action_probe = resolve_action_distance(cfg) and args.actions > 0
+    if action_probe and not cfg.action_ids:
+        cfg.action_ids = list(range(1, args.actions + 1))   # what training fills from train.csv
     device = torch.device(args.device)
     model = STVRModel(cfg).to(device)
+    action_probe = model.action_probe is not None
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if args.mode == "infer":
@@ -95,6 +104,7 @@ def worker(args: argparse.Namespace) -> dict:
             "seconds_per_step": best, "ms_per_reference_second": 1000 * best / ref_seconds,
             "peak_memory_mb": peak / 2**20,
             "peak_memory_kind": "cuda max_memory_allocated" if cuda else "process peak RSS",
+            "action_probe": action_probe, "actions": len(cfg.action_ids) if action_probe else 0,
             "threads": args.threads, "repeats": args.repeats}
 
 
@@ -105,6 +115,8 @@ def main() -> int:
     p.add_argument("--modes", nargs="+", default=["infer", "train"])
     p.add_argument("--cell", default="warp")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--actions", type=int, default=8,
+                   help="actions of the probe where the preset's action distance is on (default 8; 0: time without it)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--preset", default="cpu", help=argparse.SUPPRESS)
@@ -132,22 +144,23 @@ def main() -> int:
                 cmd = [sys.executable, __file__, "--worker", "--preset", preset_name, "--device", device,
                        "--mode", mode, "--cell", args.cell, "--threads", str(args.threads),
                        "--seconds", str(seconds), "--batch", str(batch), "--repeats", str(repeats),
-                       "--warmup", str(args.warmup)]
+                       "--warmup", str(args.warmup), "--actions", str(args.actions)]
                 res = subprocess.run(cmd, capture_output=True, text=True)
                 if res.returncode != 0:
                     print(f"{preset_name}/{device}/{mode} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
                     rows.append({"preset": preset_name, "device": device, "mode": mode, "error": res.stderr[-500:]})
                     continue
                 rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-    print(f"{'preset':<7}{'device':<7}{'mode':<7}{'pairs':>6}{'ref s':>7}{'ms/ref s':>11}{'peak MB':>10}")
+    print(f"{'preset':<7}{'device':<7}{'mode':<7}{'pairs':>6}{'ref s':>7}{'ms/ref s':>11}{'peak MB':>10}  probe")
     for r in rows:
         if "error" in r:
             print(f"{r['preset']:<7}{r['device']:<7}{r['mode']:<7}  failed")
             continue
         print(f"{r['preset']:<7}{r['device']:<7}{r['mode']:<7}{r['pairs']:>6}{r['reference_seconds']:>7}"
-              f"{r['ms_per_reference_second']:>11.1f}{r['peak_memory_mb']:>10.0f}")
+              f"{r['ms_per_reference_second']:>11.1f}{r['peak_memory_mb']:>10.0f}  "
+              f"{r['actions'] if r.get('action_probe') else '-'}")
     meta = {"python": platform.python_version(), "torch": torch.__version__, "cell": args.cell,
-            "cpu_threads": args.threads,
+            "cpu_threads": args.threads, "actions": args.actions,
             "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -491,6 +491,26 @@ def test_bench_backbone_match_action_score_is_the_probes_l1_distance(root):
     assert act[0][j][0][4] == pytest.approx(want, abs=1e-5)
     with pytest.raises(ValueError, match="unknown score"):
         bench.exact_box_detections(r, "builtin", "test", score="dot")
+    # --score action-agree: the same boxes, scored by the log-probability that the actions agree
+    _, agree, _ = bench.exact_box_detections(r, "builtin", "test", group=3, score="action-agree")
+    assert boxes(agree) == boxes(cos)
+    with torch.no_grad():
+        pq = model.action_probe.probabilities(torch.cat([pm, qm]))
+    want = float(np.log(pq[0].numpy() * pq[1].numpy() + (1 - pq[0].numpy()) * (1 - pq[1].numpy())).sum())
+    assert agree[0][j][0][4] == pytest.approx(want, abs=1e-5)
+
+
+def test_agreement_log_probability_by_hand():
+    import torch
+
+    f = _benchmark("bench_backbone_match").agreement_log_probability
+    p = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.2, 0.9], [1.0, 1.0]])
+    q = torch.tensor([[1.0, 0.0]])
+    got = f(p, q)
+    want = [0.0, 2 * np.log(0.5), np.log(0.2) + np.log(0.1), np.log(1e-6)]   # certain disagreement: clamped
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
+    # symmetric, and pairwise when q has one row per p row
+    assert torch.allclose(f(q.expand(4, 2), p), got)
 
 
 def test_bench_backbone_match_overrides_reach_the_backbone(root, tmp_path):
