@@ -104,7 +104,8 @@ def exact_box_detections(root: Path, weights: str, split: str, group: int = 1,
     ``group=3``: the actor's crop mean is averaged over the 3 clips of its second (at the second's
     box), as the cpu preset's ``model.match_clips``. ``overrides``: ``--set`` strings applied to the
     cpu preset (e.g. ``model.tiny_width=32`` for the weights of a wider backbone). ``score="action"``:
-    minus the L1 distance of action probabilities (:func:`action_probe_model`) instead of the cosine."""
+    minus the L1 distance of action probabilities (:func:`action_probe_model`) instead of the cosine;
+    ``score="action-agree"``: :func:`agreement_log_probability` of the same probabilities."""
     cfg = apply_overrides(preset("cpu"), overrides).model
     info = load_dataset_json(root)
     cfg.backbone_weights = None if weights == "none" else weights
@@ -182,8 +183,9 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a cpu-preset field for every --weights (e.g. model.tiny_width=32)")
     ap.add_argument("--score", nargs="+", default=["cosine"], choices=["cosine", "action", "action-agree"],
-                    help="cosine of crop means, or minus the L1 distance of the action probe's "
-                         "probabilities (model.match_action_distance); one table row per value")
+                    help="cosine of crop means, minus the L1 distance of the action probe's "
+                         "probabilities (model.match_action_distance), or the log-probability that "
+                         "the probe's actions agree (action-agree); one table row per value")
     ap.add_argument("--tag", default="", help="suffix of the results file")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()

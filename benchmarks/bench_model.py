@@ -62,8 +62,7 @@ def worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = apply_overrides(preset(args.preset), [f"model.cell={args.cell}"]).model
-    action_probe = resolve_action_distance(cfg) and args.actions > 0
-    if action_probe and not cfg.action_ids:
+    if resolve_action_distance(cfg) and args.actions > 0 and not cfg.action_ids:
         cfg.action_ids = list(range(1, args.actions + 1))   # what training fills from train.csv
     device = torch.device(args.device)
     model = STVRModel(cfg).to(device)
