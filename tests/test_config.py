@@ -65,3 +65,17 @@ def test_box_voting_over_a_group_needs_box_voting():
     with pytest.raises(ValueError, match="det_box_voting_group needs box voting"):
         validate_config(apply_overrides(cfg, ["model.det_box_voting_group=true", "model.det_box_voting=0"]))
     assert preset("paper").model.det_box_voting_group is False
+
+
+def test_score_decay_kinds():
+    from stvr.config import validate_config
+
+    cfg = preset("cpu")
+    for kind in ("none", "linear", "gaussian"):
+        validate_config(apply_overrides(cfg, [f"model.det_score_decay={kind}"]))
+    with pytest.raises(ValueError, match="det_score_decay must be"):
+        validate_config(apply_overrides(cfg, ["model.det_score_decay=soft"]))
+    with pytest.raises(ValueError, match="det_score_decay_sigma must be > 0"):
+        validate_config(apply_overrides(cfg, ["model.det_score_decay_sigma=0"]))
+    assert preset("paper").model.det_score_decay == "none"       # the official post-processing
+    assert preset("cpu").model.det_score_decay == "linear"

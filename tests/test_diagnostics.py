@@ -505,3 +505,43 @@ def test_bench_match_relations_splits_the_match_auc_by_how_labels_relate(tmp_pat
     # an uncovered actor (E) is no instance; without detections a kind is NaN
     r = bench.match_auc_by_relation(pairs, [[[det(A, 0.5)], [], []]], actors)
     assert r["negatives"] == {"nested": 0, "overlap": 0, "disjoint": 0} and math.isnan(r["nested"])
+
+
+def test_bench_postprocessing_one_pass_equals_predicting_each_variant():
+    # benchmarks/bench_postprocessing.py: one forward per pair, every variant's post-processing
+    # on the same head outputs; each variant's detections are those of predict_pairs with the
+    # model's det_* fields set to it, and the model's own post-processing is restored after
+    import dataclasses
+
+    import torch
+    from test_synthetic import _benchmark
+
+    from stvr.config import apply_overrides, preset
+    from stvr.model import STVRModel
+    from stvr.predict import predict_pairs
+
+    bench = _benchmark("bench_postprocessing")
+    cfg = apply_overrides(preset("cpu"), ["model.image_size=96"])
+    torch.manual_seed(0)
+    model = STVRModel(cfg.model).eval()
+    own = dataclasses.replace(model.cfg)
+    variants = dict(bench.parse_variant(v, model.cfg) for v in (
+        "own:", "decay:model.det_score_decay=linear,model.det_nms_iou=0.5", "nms:model.det_nms_iou=0.2"))
+    assert variants["decay"] == {"det_score_decay": "linear", "det_nms_iou": 0.5}
+    val = _tiny_val_set()
+    dets = bench.variant_detections(model, val, variants)
+    for name, fields in variants.items():
+        model.cfg = dataclasses.replace(own, **fields)
+        want = predict_pairs(model, val, progress=False)
+        assert dets[name] == want, name
+    model.cfg = own
+    assert dets["decay"] != dets["own"] and dets["nms"] != dets["own"]
+    import stvr.model.network as network
+    assert network.postprocess_detections is bench.network.postprocess_detections
+    assert network.postprocess_detections.__name__ == "postprocess_detections"
+    with pytest.raises(ValueError, match="post-processing field"):
+        bench.parse_variant("x:model.lr=0.1", model.cfg)
+    with pytest.raises(ValueError, match="NAME:KEY=VALUE"):
+        bench.parse_variant(":model.det_nms_iou=0.3", model.cfg)
+    scores = bench.score(val.pairs, dets["own"], val.actors)
+    assert scores["mAP"]["0.5"] == pytest.approx(100 * frame_map(val.pairs, dets["own"], 0.5)["mAP"])

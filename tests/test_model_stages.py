@@ -10,7 +10,7 @@ import torch
 from torchvision.models.detection._utils import BoxCoder
 
 from stvr.model import rpn, roi_heads
-from stvr.model.ops import balanced_sample, batched_iou, rank_in_groups
+from stvr.model.ops import balanced_sample, batched_iou, matrix_nms_decay, rank_in_groups
 from stvr.model.query import crop_features, crop_queries
 
 CODER = BoxCoder((10.0, 10.0, 5.0, 5.0))
@@ -277,3 +277,96 @@ def test_postprocessing_with_box_voting():
     w = p[:2, 2]
     torch.testing.assert_close(voted[0, :4], (w[0] * boxes[0] + w[1] * boxes[1]) / w.sum() / S)
     torch.testing.assert_close(voted[1, :4], boxes[2] / S)       # the "other person" boxes do not vote
+
+
+def naive_matrix_nms_decay(boxes, scores, groups, kind, sigma):
+    """The definition, one candidate at a time (the test's reference)."""
+    out = torch.ones_like(scores)
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    rank = {i: r for r, i in enumerate(order)}
+    iou = batched_iou(boxes[None], boxes[None])[0]
+    f = (lambda x: 1 - x) if kind == "linear" else (lambda x: torch.exp(-x ** 2 / sigma))
+    for j in range(len(scores)):
+        for i in range(len(scores)):
+            if groups[i] != groups[j] or rank[i] >= rank[j]:
+                continue
+            comp = max([float(iou[k, i]) for k in range(len(scores))
+                        if groups[k] == groups[i] and rank[k] < rank[i]] + [0.0])
+            out[j] = min(out[j], f(iou[i, j]) / f(torch.tensor(comp)))
+    return out.clamp(max=1.0)
+
+
+def test_matrix_nms_decay_hand_built():
+    boxes = torch.tensor([[0., 0., 10., 10.],      # A, top score
+                          [0., 0., 10., 20.],      # B: IoU 100 / 200 = 0.5 with A
+                          [0., 10., 10., 30.],     # C: IoU 0 with A, 100 / 300 = 1/3 with B
+                          [0., 0., 10., 10.]])     # D = A but in another group
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.5])
+    groups = torch.tensor([0, 0, 0, 1])
+    lin = matrix_nms_decay(boxes, scores, groups, "linear")
+    # B: (1 - 0.5) / (1 - 0) by A; C: by A 1, by B (1 - 1/3) / (1 - 0.5) > 1 -> 1 (B is itself
+    # half suppressed, so it suppresses C less); D alone in its group
+    torch.testing.assert_close(lin, torch.tensor([1.0, 0.5, 1.0, 1.0]))
+    gauss = matrix_nms_decay(boxes, scores, groups, "gaussian", sigma=0.5)
+    c = min(1.0, float(torch.exp(-(torch.tensor(1 / 9) - 0.25) / 0.5)))
+    torch.testing.assert_close(gauss, torch.tensor([1.0, float(torch.exp(torch.tensor(-0.25 / 0.5))), c, 1.0]))
+    # the order of the inputs does not matter, only the scores
+    perm = torch.tensor([2, 0, 3, 1])
+    torch.testing.assert_close(matrix_nms_decay(boxes[perm], scores[perm], groups[perm], "linear"), lin[perm])
+    with pytest.raises(ValueError, match="linear"):
+        matrix_nms_decay(boxes, scores, groups, "cubic")
+    assert matrix_nms_decay(boxes[:1], scores[:1], groups[:1]).tolist() == [1.0]
+    assert matrix_nms_decay(boxes[:0], scores[:0], groups[:0]).numel() == 0
+
+
+@pytest.mark.parametrize("kind", ["linear", "gaussian"])
+def test_matrix_nms_decay_equals_its_definition(kind):
+    g = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        k = int(torch.randint(2, 40, (1,), generator=g))
+        xy = torch.rand(k, 2, generator=g) * 60
+        boxes = torch.cat([xy, xy + 5 + torch.rand(k, 2, generator=g) * 30], 1)
+        scores = torch.rand(k, generator=g)
+        groups = torch.randint(0, 4, (k,), generator=g)
+        want = naive_matrix_nms_decay(boxes, scores, groups, kind, 0.7)
+        torch.testing.assert_close(matrix_nms_decay(boxes, scores, groups, kind, 0.7), want)
+
+
+def test_postprocessing_with_score_decay():
+    """``det_score_decay``: a duplicate that the hard NMS keeps (IoU 1/3 < 0.4 with the top box)
+    comes out with its score decayed by 1 - 1/3; a box overlapping nothing keeps its score; the
+    same detections and boxes as without the decay otherwise."""
+    boxes = torch.tensor([[10., 10., 30., 30.], [10., 20., 30., 40.], [40., 40., 60., 60.]])
+    clip_index = torch.zeros(3, dtype=torch.long)
+    logits = torch.tensor([[0., 0., 2.], [0., 0., 1.], [0., 0., 0.5]])
+    codes = torch.zeros(3, 2, 4)
+    match = logits.softmax(-1)[:, 2]
+    plain = roi_heads.postprocess_detections(logits, codes, boxes, clip_index, 1, False, CODER,
+                                             box_cfg(det_nms_iou=0.4, det_score_decay="none"), S)[0]
+    torch.testing.assert_close(plain[:, 4], match)
+    cfg = box_cfg(det_nms_iou=0.4, det_score_decay="linear", det_score_decay_sigma=0.5)
+    decayed = roi_heads.postprocess_detections(logits, codes, boxes, clip_index, 1, False, CODER, cfg, S)[0]
+    want = torch.stack([match[0], match[1] * (1 - 1 / 3), match[2]])
+    order = torch.argsort(want, descending=True)
+    torch.testing.assert_close(decayed[:, 4], want[order])
+    torch.testing.assert_close(decayed[:, :4], boxes[order] / S)
+
+
+def test_score_decay_leaves_box_voting_to_the_head_scores():
+    """With box voting, a voter suppressed by the NMS still weighs by its own probability, not
+    by its decayed score: the decay changes the ranking, not where the kept boxes lie."""
+    boxes = torch.tensor([[10., 10., 30., 30.],    # kept
+                          [12., 10., 32., 30.],    # IoU 360 / 440 with it: suppressed, votes
+                          [40., 40., 60., 60.]])   # far away
+    clip_index = torch.zeros(3, dtype=torch.long)
+    logits = torch.tensor([[0., 0., 2.], [0., 0., 1.5], [0., 0., 0.5]])
+    codes = torch.zeros(3, 2, 4)
+    match = logits.softmax(-1)[:, 2]
+    runs = {decay: roi_heads.postprocess_detections(
+        logits, codes, boxes, clip_index, 1, False, CODER,
+        box_cfg(det_nms_iou=0.4, det_box_voting=0.5, det_score_decay=decay, det_score_decay_sigma=0.5), S)[0]
+        for decay in ("none", "linear")}
+    torch.testing.assert_close(runs["linear"], runs["none"])     # nothing kept overlaps another
+    voted = (match[0] * boxes[0] + match[1] * boxes[1]) / (match[0] + match[1])
+    torch.testing.assert_close(runs["linear"][0, :4], voted / S)
+    torch.testing.assert_close(runs["linear"][:, 4], match[[0, 2]])

@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.det_*=VALUE",
                    help="change the detection post-processing of the checkpoint's config (repeatable; only "
-                   "model.det_* fields: NMS, caps, score threshold, box voting), e.g. --set "
+                   "model.det_* fields: NMS, caps, score threshold, box voting, score decay), e.g. --set "
                    "model.det_box_voting_group=true; everything else is fixed by the trained weights")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

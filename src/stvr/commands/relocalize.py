@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--detections", action="store_true", help="also store the per-clip detections")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.det_*=VALUE",
                    help="change the detection post-processing of the checkpoint's config (repeatable; only "
-                   "model.det_* fields: NMS, caps, score threshold, box voting)")
+                   "model.det_* fields: NMS, caps, score threshold, box voting, score decay)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 

@@ -59,7 +59,9 @@ Details and the places where this differs from the official TensorFlow code:
   backbone is frozen and pretrained and ``action_ids`` are given, which training fills in).
 * **Post-processing** (section 4.7): softmax, class-specific decoding, clipping
   to the image, per-class NMS 0.6, 15 per class, 30 per clip; only the
-  query-match class is returned.
+  query-match class is returned. Options not in the paper (the cpu preset's: NMS 0.4, box
+  voting over the clips of a second, and ``det_score_decay="linear"``: a Matrix-NMS decay of the
+  scores of candidates that overlap a higher-scored one, :func:`.ops.matrix_nms_decay`).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ from __future__ import annotations
 # actions.py (the action distance term of the match logit, model.match_action_distance),
 # feature_cache.py (the frozen backbone's maps of seen clips)
 from .network import STVRModel, _build_cell  # noqa: F401
-from .ops import balanced_sample, batched_iou, pad_boxes, rank_in_groups
+from .ops import balanced_sample, batched_iou, matrix_nms_decay, pad_boxes, rank_in_groups  # noqa: F401
 from .query import crop_features, crop_queries  # noqa: F401
 from .roi_heads import Bottleneck, BoxHead, FixedBatchNorm2d, QueryAttention  # noqa: F401
 from .rpn import RPNHead  # noqa: F401

@@ -1,12 +1,13 @@
 """Box and sampling operations shared by the stages of :mod:`stvr.model`: batched IoU,
-rank within groups, balanced positive/negative sampling, padding ragged ground truth."""
+rank within groups, Matrix-NMS score decay, balanced positive/negative sampling, padding
+ragged ground truth."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-__all__ = ["batched_iou", "rank_in_groups", "balanced_sample", "pad_boxes"]
+__all__ = ["batched_iou", "rank_in_groups", "matrix_nms_decay", "balanced_sample", "pad_boxes"]
 
 
 def batched_iou(a: Tensor, b: Tensor) -> Tensor:
@@ -34,6 +35,55 @@ def rank_in_groups(groups: Tensor) -> Tensor:
     ranks = torch.empty_like(ranks_sorted)
     ranks[perm] = ranks_sorted
     return ranks
+
+
+def matrix_nms_decay(boxes: Tensor, scores: Tensor, groups: Tensor, kind: str = "linear",
+                     sigma: float = 0.5) -> Tensor:
+    """Matrix-NMS score decay (Wang et al., SOLOv2, NeurIPS 2020) of candidates within their group.
+
+    Every candidate ``j`` is decayed by the higher-scored candidates ``i`` of its group that
+    overlap it, each compensated by how much ``i`` is itself overlapped by a higher-scored one:
+    ``decay_j = min_i f(iou_ij) / f(comp_i)``, ``comp_i = max_{k: s_k > s_i} iou_ki``, with
+    ``f(x) = 1 - x`` (``kind="linear"``) or ``exp(-x^2 / sigma)`` (``"gaussian"``); the top
+    candidate of a group keeps its score, and a decay never exceeds 1. Ties in score are broken
+    by input order. All groups at once (padded to the largest group): no loop over boxes.
+
+    Args:
+        boxes: ``[K, 4]`` xyxy (any unit).
+        scores: ``[K]``.
+        groups: ``[K]`` integer group ids (e.g. clip x class, as for ``batched_nms``).
+        kind: ``"linear"`` or ``"gaussian"``.
+        sigma: the Gaussian's width (``kind="gaussian"`` only).
+
+    Returns:
+        ``[K]`` factors in (0, 1] to multiply the scores by.
+    """
+    if kind not in ("linear", "gaussian"):
+        raise ValueError(f"matrix_nms_decay: kind must be 'linear' or 'gaussian', got {kind!r}")
+    k = scores.numel()
+    out = torch.ones_like(scores)
+    if k < 2:
+        return out
+    by_score = torch.argsort(scores, descending=True, stable=True)
+    perm = by_score[torch.argsort(groups[by_score], stable=True)]            # group, then score desc
+    _, inverse, counts = torch.unique_consecutive(groups[perm], return_inverse=True, return_counts=True)
+    rank = rank_in_groups(inverse)                                           # position in its group
+    m = int(counts.max())
+    padded = boxes.new_zeros(len(counts), m, 4)
+    padded[inverse, rank] = boxes[perm]
+    valid = torch.zeros(len(counts), m, dtype=torch.bool, device=boxes.device)
+    valid[inverse, rank] = True
+    above = torch.ones(m, m, dtype=torch.bool, device=boxes.device).triu(1)  # [i, j]: i scored above j
+    pair = above & valid[:, :, None] & valid[:, None, :]
+    iou = batched_iou(padded, padded).masked_fill(~pair, 0.0)                # [G, i, j]
+    comp = iou.max(1).values                                                 # [G, i]: i's own max overlap
+    if kind == "linear":
+        ratio = (1 - iou) / (1 - comp[:, :, None]).clamp(min=1e-6)
+    else:
+        ratio = torch.exp(-(iou.pow(2) - comp[:, :, None].pow(2)) / sigma)
+    decay = ratio.masked_fill(~pair, 1.0).min(1).values.clamp(max=1.0)      # [G, j]
+    out[perm] = decay[inverse, rank]
+    return out
 
 
 def balanced_sample(labels: Tensor, per_row: int, positive_fraction: float) -> tuple[Tensor, Tensor]:

@@ -29,7 +29,7 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
 from ..data.batch import QUERY_MATCH
-from .ops import balanced_sample, batched_iou, rank_in_groups
+from .ops import balanced_sample, batched_iou, matrix_nms_decay, rank_in_groups
 
 __all__ = ["QueryAttention", "FixedBatchNorm2d", "Bottleneck", "BoxHead", "BoxTargets",
            "box_targets", "box_losses", "iou_loss", "postprocess_detections"]
@@ -258,7 +258,12 @@ def postprocess_detections(logits: Tensor, codes: Tensor, boxes: Tensor, clip_in
     clips from the head's outputs on proposals ``boxes [K, 4]`` pixels of clips ``clip_index``.
 
     With ``iou_logits [K]`` (the ``iou_head``'s output) the class probabilities are multiplied
-    by ``sigmoid(iou_logits) ** cfg.det_iou_power`` before thresholding and NMS.
+    by ``sigmoid(iou_logits) ** cfg.det_iou_power`` before thresholding and NMS. With
+    ``cfg.det_score_decay`` ("linear" / "gaussian") the candidates above the threshold are first
+    decayed by the higher-scored ones of their clip and class that overlap them
+    (:func:`stvr.model.ops.matrix_nms_decay`, Matrix NMS); the decayed scores are then
+    NMS-ed, capped and output, while box voting still weighs its voters by the head's own
+    probabilities (the decay changes the ranking, not where the kept boxes lie).
 
     Box voting (``cfg.det_box_voting > 0``) moves each kept box to the score-weighted mean of the
     candidates of its clip that overlap it (:func:`vote_boxes`); with ``cfg.det_box_voting_group``
@@ -283,6 +288,10 @@ def postprocess_detections(logits: Tensor, codes: Tensor, boxes: Tensor, clip_in
     clip = clip_index.repeat_interleave(nc)
     keep = (scores > cfg.det_score_threshold).nonzero(as_tuple=True)[0]
     dec, scores, cls, clip = dec[keep], scores[keep], cls[keep], clip[keep]
+    head_scores = scores                    # box voting weighs by these, not by the decayed scores
+    decay = getattr(cfg, "det_score_decay", "none")
+    if decay != "none":
+        scores = scores * matrix_nms_decay(dec, scores, clip * nc + cls, decay, cfg.det_score_decay_sigma)
     keep = batched_nms(dec, scores, clip * nc + cls, cfg.det_nms_iou)           # score-descending
     keep = keep[rank_in_groups((clip * nc + cls)[keep]) < cfg.det_per_class]
     keep = keep[rank_in_groups(clip[keep]) < cfg.det_per_clip]
@@ -293,7 +302,7 @@ def postprocess_detections(logits: Tensor, codes: Tensor, boxes: Tensor, clip_in
         group = clip
         if clip_group is not None and getattr(cfg, "det_box_voting_group", False):
             group = clip_group.to(clip.device)[clip]
-        boxes_out = vote_boxes(boxes_out, group[keep], dec[voters], scores[voters], group[voters],
+        boxes_out = vote_boxes(boxes_out, group[keep], dec[voters], head_scores[voters], group[voters],
                                cfg.det_box_voting)
         boxes_out = clip_boxes_to_image(boxes_out, (size, size))     # a mean can round past the edge
     out = torch.cat([boxes_out / size, scores[keep, None]], dim=1)
