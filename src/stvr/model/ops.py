@@ -56,7 +56,7 @@ def matrix_nms_decay(boxes: Tensor, scores: Tensor, groups: Tensor, kind: str = 
         sigma: the Gaussian's width (``kind="gaussian"`` only).
 
     Returns:
-        ``[K]`` factors in (0, 1] to multiply the scores by.
+        ``[K]`` factors in [0, 1] to multiply the scores by (0: a linear decay of an exact duplicate).
     """
     if kind not in ("linear", "gaussian"):
         raise ValueError(f"matrix_nms_decay: kind must be 'linear' or 'gaussian', got {kind!r}")
