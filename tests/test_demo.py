@@ -9,9 +9,10 @@ import math
 
 import pytest
 
-from stvr.checkpoint import resolve_checkpoint
+from stvr.checkpoint import load_checkpoint, resolve_checkpoint
 from stvr.cli import main
 from stvr.commands import bench
+from stvr.experiments import only_postprocessing_differs
 
 SYNTH = ["num_train_videos=2", "num_val_videos=2", "seconds=5", "size=96", "num_val_labels=1",
          "num_test_labels=1", "heldout_probability=1.0"]
@@ -55,6 +56,21 @@ def test_demo_end_to_end_and_rerun_reuses_the_run(tmp_path, capsys):
     assert (out / "last.safetensors").stat().st_mtime_ns == mtime
     assert again["trained"]["frame_mAP"] == res["trained"]["frame_mAP"]
     assert again["data"]["summary"]["generated"] is False
+    assert again["postprocessing_adopted_from"] is None
+    # a run of the same training config with another detection post-processing is reused too, and
+    # its folder (config.json, the checkpoint's JSON) takes the new one: `stvr relocalize` uses it
+    val_log = (out / "val_log.csv").read_bytes()
+    capsys.readouterr()
+    assert main(argv + ["--no-figures", "--set", "model.det_score_decay=none"]) == 0
+    printed = capsys.readouterr().out
+    assert "run reused with the new detection post-processing (det_score_decay 'linear' -> 'none')" in printed
+    third = json.loads((out / "results.json").read_text())
+    assert (out / "last.safetensors").stat().st_mtime_ns == mtime and (out / "val_log.csv").read_bytes() == val_log
+    assert third["postprocessing_adopted_from"] == {"det_score_decay": "linear"}
+    assert third["config"]["model"]["det_score_decay"] == "none" and third["trained"]["checkpoint_step"] == 2
+    assert json.loads((out / "config.json").read_text())["model"]["det_score_decay"] == "none"
+    model, cfg, state = load_checkpoint(out)
+    assert model.cfg.det_score_decay == "none" and cfg.model.det_score_decay == "none" and state["step"] == 2
 
 
 @pytest.mark.slow
@@ -85,6 +101,9 @@ def test_bench_table1_writes_tables_and_skips_finished_runs(tmp_path, capsys):
     assert again["train"] == json.loads(before)["train"] and again["checkpoint_step"] == 1
     cfg = json.loads((tmp_path / "runs" / "clip-seed0" / "config.json").read_text())
     assert cfg["model"]["det_box_voting"] == 0.5
+    # ... and so does its checkpoint's JSON (`stvr predict` on the run uses it)
+    last = json.loads((tmp_path / "runs" / "clip-seed0" / "last.json").read_text())["config"]["model"]
+    assert last["det_box_voting"] == 0.5 and last["det_nms_iou"] == 0.3
     # a run trained from other starting weights (e.g. the shipped weights of an older release) retrains
     state_path = tmp_path / "runs" / "clip-seed0" / "last.json"
     state = json.loads(state_path.read_text())
@@ -96,7 +115,7 @@ def test_bench_table1_writes_tables_and_skips_finished_runs(tmp_path, capsys):
     assert json.loads(state_path.read_text())["weights_sha256"]["backbone_weights"] != "0" * 64
     assert "reevaluated_from" not in json.loads((tmp_path / "runs" / "clip-seed0" / "results.json").read_text())
     # a change that training reads retrains
-    assert not bench._only_postprocessing_differs(again["config"], {**again["config"], "model": {
+    assert not only_postprocessing_differs(again["config"], {**again["config"], "model": {
         **again["config"]["model"], "box_fg_iou": 0.6}})
 
 

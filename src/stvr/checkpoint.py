@@ -159,6 +159,18 @@ def save_checkpoint(out_dir: str | Path, name: str, model: nn.Module,
     return out / weights_file
 
 
+def set_checkpoint_model_fields(out_dir: str | Path, name: str, fields: dict[str, Any]) -> None:
+    """Set ``fields`` of ``config.model`` in the JSON of checkpoint ``name`` of ``out_dir`` (an
+    atomic, fsynced rewrite; the weights and optimizer files are untouched). Meant for fields the
+    weights do not depend on (the detection post-processing, ``model.det_*``)."""
+    from .utils import atomic_write
+
+    path = Path(out_dir) / f"{name}.json"
+    state = json.loads(path.read_text())
+    state["config"]["model"].update(fields)
+    atomic_write(path, json.dumps(state, indent=1) + "\n", fsync=True)
+
+
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 

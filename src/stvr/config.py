@@ -531,8 +531,10 @@ def config_from_dict(d: dict[str, Any]) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write ``cfg`` as indented JSON."""
-    Path(path).write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+    """Write ``cfg`` as indented JSON (atomically: a reader never sees half a file)."""
+    from .utils import atomic_write
+
+    atomic_write(path, json.dumps(config_to_dict(cfg), indent=2) + "\n")
 
 
 def load_config(path: str | Path) -> Config:

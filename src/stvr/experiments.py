@@ -13,8 +13,9 @@ from typing import Any, Sequence
 
 from .utils import resolve_device
 
-__all__ = ["synth_config", "prepare_data", "run_config", "config_matches", "weights_match", "test_dataset",
-           "evaluate_model", "pct", "auc_text", "chance_map", "device_name"]
+__all__ = ["synth_config", "prepare_data", "run_config", "config_matches", "weights_match",
+           "only_postprocessing_differs", "adopt_postprocessing", "test_dataset", "evaluate_model", "pct",
+           "auc_text", "chance_map", "device_name"]
 
 
 def synth_config(overrides: Sequence[str] = ()):
@@ -79,6 +80,62 @@ def weights_match(run_dir: Path, cfg) -> bool:
     except (OSError, ValueError, AttributeError):
         return True
     return stored is None or stored == weights_digests(cfg)
+
+
+def _training_part(config: dict) -> dict:
+    """A config dict without the detection post-processing fields (``model.det_*``)."""
+    model = {k: v for k, v in config.get("model", {}).items() if not k.startswith("det_")}
+    return {**config, "model": model}
+
+
+def only_postprocessing_differs(old: dict | None, new: dict) -> bool:
+    """Whether two config dicts (:func:`stvr.config.config_to_dict`) differ, and only in the
+    detection post-processing (``model.det_*``: NMS, caps, threshold, score decay, box voting),
+    which training never reads (validation during training does: its logged numbers are
+    of the post-processing the run was trained with)."""
+    return isinstance(old, dict) and old != new and _training_part(old) == _training_part(new)
+
+
+def adopt_postprocessing(run_dir: Path, cfg) -> dict[str, Any] | None:
+    """Give a run folder trained with another detection post-processing ``cfg``'s, so that it
+    can be resumed or reused instead of retrained.
+
+    When ``run_dir/config.json`` and the JSON of each of its checkpoints (``last``, ``best``)
+    differ from ``cfg`` only in ``model.det_*`` (:func:`only_postprocessing_differs`) and the run
+    started from the same weight files (:func:`weights_match`), their ``model.det_*`` fields are
+    set to ``cfg``'s (atomic rewrites of the JSON files; weights, optimizer state, steps and logs
+    untouched) and the old values are returned, ``{field: old value}`` of the fields that changed.
+    Otherwise nothing is written and ``None`` is returned (no run, another training config, or
+    the same config: nothing to adopt)."""
+    from .checkpoint import CHECKPOINT_BEST, CHECKPOINT_LAST, recover_checkpoint, set_checkpoint_model_fields
+    from .config import config_to_dict, save_config
+
+    path = run_dir / "config.json"
+    new = json.loads(json.dumps(config_to_dict(cfg)))
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not only_postprocessing_differs(old, new) or not weights_match(run_dir, cfg):
+        return None
+    states = []
+    for name in (CHECKPOINT_LAST, CHECKPOINT_BEST):
+        recover_checkpoint(run_dir, name)
+        state_path = run_dir / f"{name}.json"
+        if not state_path.exists():
+            continue
+        try:
+            stored = json.loads(state_path.read_text())["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if _training_part(stored) != _training_part(new):
+            return None
+        states.append(name)
+    det = {k: v for k, v in new["model"].items() if k.startswith("det_")}
+    for name in states:
+        set_checkpoint_model_fields(run_dir, name, det)
+    save_config(cfg, path)
+    return {k: old["model"].get(k) for k, v in det.items() if old["model"].get(k) != v}
 
 
 def test_dataset(cfg, split: str = "test"):

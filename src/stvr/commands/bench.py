@@ -33,8 +33,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..experiments import (chance_map, config_matches, device_name, evaluate_model, pct, prepare_data,
-                           run_config, test_dataset, weights_match)
+from ..experiments import (adopt_postprocessing, chance_map, config_matches, device_name, evaluate_model,
+                           only_postprocessing_differs, pct, prepare_data, run_config, test_dataset,
+                           weights_match)
 from ..utils import write_json
 
 # method key -> (paper name, model.cell, paper Table 1 frame-mAP@0.5 on AVA, on UCF-101-24)
@@ -105,7 +106,7 @@ def run_one(method: str, seed: int, args: argparse.Namespace, steps: int | None,
         if "diagnostics" not in done:     # a run finished before the diagnostics existed
             _add_diagnostics(done, run_dir, cfg, dataset_cache)
         return done
-    if done is not None and _only_postprocessing_differs(done.get("config"), cfg_dict) \
+    if done is not None and only_postprocessing_differs(done.get("config"), cfg_dict) \
             and (run_dir / "last.safetensors").exists():
         return _reevaluate(done, run_dir, cfg, cfg_dict, args, dataset_cache)
     resume = config_matches(run_dir, cfg)
@@ -120,17 +121,6 @@ def run_one(method: str, seed: int, args: argparse.Namespace, steps: int | None,
     })
     write_json(run_dir / "results.json", res, indent=2, default=str)
     return res
-
-
-def _only_postprocessing_differs(old: dict | None, new: dict) -> bool:
-    """Whether two run configs differ, and only in the detection post-processing
-    (``model.det_*``: NMS, caps, threshold, box voting), which a run without validation (as
-    every Table 1 run) never reads while it trains."""
-    def training_part(d: dict) -> dict:
-        model = {k: v for k, v in d.get("model", {}).items() if not k.startswith("det_")}
-        return {**d, "model": model}
-
-    return isinstance(old, dict) and old != new and training_part(old) == training_part(new)
 
 
 def _evaluate_last(run_dir: Path, cfg, args: argparse.Namespace, dataset_cache: dict) -> tuple[dict, dict]:
@@ -156,8 +146,9 @@ def _evaluate_last(run_dir: Path, cfg, args: argparse.Namespace, dataset_cache: 
 def _reevaluate(done: dict, run_dir: Path, cfg, cfg_dict: dict, args: argparse.Namespace,
                 dataset_cache: dict) -> dict:
     """A finished run whose config differs only in ``model.det_*``: its last checkpoint predicts
-    the test pairs again with the new post-processing (no retraining); ``config.json`` and
-    ``results.json`` then hold the new config."""
+    the test pairs again with the new post-processing (no retraining); ``config.json``, the
+    checkpoint's JSON (:func:`stvr.experiments.adopt_postprocessing`: ``stvr predict`` on the run
+    then uses it too) and ``results.json`` then hold the new config."""
     from ..config import save_config
 
     res, _ = _evaluate_last(run_dir, cfg, args, dataset_cache)
@@ -165,7 +156,8 @@ def _reevaluate(done: dict, run_dir: Path, cfg, cfg_dict: dict, args: argparse.N
                                      "train_seconds_this_call") if k in done})
     res.update({"config": cfg_dict,
                 "reevaluated_from": {k: v for k, v in done["config"]["model"].items() if k.startswith("det_")}})
-    save_config(cfg, run_dir / "config.json")
+    if adopt_postprocessing(run_dir, cfg) is None:
+        save_config(cfg, run_dir / "config.json")
     write_json(run_dir / "results.json", res, indent=2, default=str)
     return res
 

@@ -26,8 +26,8 @@ import os
 import time
 from pathlib import Path
 
-from ..experiments import (auc_text, chance_map, config_matches, device_name, evaluate_model, pct,
-                           prepare_data, run_config, test_dataset)
+from ..experiments import (adopt_postprocessing, auc_text, chance_map, config_matches, device_name,
+                           evaluate_model, pct, prepare_data, run_config, test_dataset)
 
 DEMO_OUT = "runs/demo"
 DEMO_DATA = "data/synthetic"
@@ -95,6 +95,13 @@ def run(args: argparse.Namespace) -> int:
     procs = training_processes(args.procs, device, cfg.train.batch_size)
     if procs > 1:
         cfg.train.batch_size //= procs        # per process; the step's batch stays the same
+    # a run of the same training config whose detection post-processing (model.det_*) differs,
+    # e.g. after an upgrade changed the preset's, is kept: its folder takes the new one
+    adopted = None if args.fresh else adopt_postprocessing(out, cfg)
+    if adopted:
+        changes = ", ".join(f"{k} {v!r} -> {getattr(cfg.model, k)!r}" for k, v in adopted.items())
+        print(f"      {out}: run reused with the new detection post-processing ({changes}); "
+              f"its validation log keeps the numbers of the old one")
     resume = not args.fresh and config_matches(out, cfg)
     if not args.fresh and (out / "config.json").exists() and not resume:
         print(f"      {out} holds a run of another config or other starting weights: training from scratch")
@@ -143,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         "config": config_to_dict(cfg),
         "steps": steps,
         "train": summary,
+        "postprocessing_adopted_from": adopted,
         "trained": res_trained,
         "untrained": res_untrained,
         "timings": timings,
