@@ -113,12 +113,13 @@ def predict_pairs(model: nn.Module, dataset: Dataset, *, device: torch.device | 
 
 
 def save_detections(detections: Detections, path: str | Path) -> None:
-    """Write detections as JSON (floats rounded to 6 decimals); creates the parent folder."""
+    """Write detections as JSON (floats rounded to 6 decimals); creates the parent folder. The
+    file is replaced atomically: an older file at ``path`` stays whole until the new one is."""
+    from .utils import atomic_write
+
     rounded = [[[[round(float(v), 6) for v in det] for det in clip] for clip in pair]
                for pair in detections]
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(rounded))
+    atomic_write(path, json.dumps(rounded))
 
 
 def load_detections(path: str | Path) -> Detections:

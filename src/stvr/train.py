@@ -173,12 +173,10 @@ class _CsvLog:
                 rows = list(csv.reader(f))
             if rows and rows[0] != self.fields:  # a log of an older version: same columns by name
                 old = rows[0]
-                with path.open("w", newline="") as f:
-                    csv.writer(f).writerows([self.fields] + [
-                        [dict(zip(old, r)).get(k, "") for k in self.fields] for r in rows[1:] if r])
+                _write_csv(path, [self.fields] + [
+                    [dict(zip(old, r)).get(k, "") for k in self.fields] for r in rows[1:] if r])
         else:
-            with path.open("w", newline="") as f:
-                csv.writer(f).writerow(self.fields)
+            _write_csv(path, [self.fields])
 
     def write(self, row: dict[str, Any]) -> None:
         with self.path.open("a", newline="") as f:
@@ -205,8 +203,18 @@ def _truncate_log(path: Path, step: int) -> None:
         except ValueError:
             return False
 
-    with path.open("w", newline="") as f:
-        csv.writer(f).writerows([rows[0]] + [r for r in rows[1:] if keep(r)])
+    _write_csv(path, [rows[0]] + [r for r in rows[1:] if keep(r)])
+
+
+def _write_csv(path: Path, rows: list[list[Any]]) -> None:
+    """Replace ``path`` by ``rows`` as CSV atomically (a kill while rewriting a log loses nothing)."""
+    import io
+
+    from .utils import atomic_write
+
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows(rows)
+    atomic_write(path, text.getvalue().encode())
 
 
 def _tensorboard(out: Path, purge_step: int | None):

@@ -58,9 +58,11 @@ def _figure(figsize: tuple[float, float]):
 
 
 def _save(fig, path: str | Path, dpi: int) -> Path:
+    from .utils import atomic_open
+
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=dpi, format="png")
+    with atomic_open(p, "wb") as f:                 # an older figure stays whole until this one is
+        fig.savefig(f, dpi=dpi, format="png")
     return p
 
 

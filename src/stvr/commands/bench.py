@@ -36,7 +36,7 @@ from typing import Any, Sequence
 from ..experiments import (adopt_postprocessing, chance_map, config_matches, device_name, evaluate_model,
                            only_postprocessing_differs, pct, prepare_data, run_config, test_dataset,
                            weights_match)
-from ..utils import write_json
+from ..utils import atomic_write, write_json
 
 # method key -> (paper name, model.cell, paper Table 1 frame-mAP@0.5 on AVA, on UCF-101-24)
 METHODS: dict[str, tuple[str, str, float, float]] = {
@@ -344,4 +344,4 @@ def _write_tables(out: Path, results: dict[str, list[dict]], args: argparse.Name
     write_json(out / "table1.json", {"meta": meta, "data": data_summary, "methods": agg,
                                      "runs": {m: [{k: v for k, v in r.items() if k != "config"} for r in rs]
                                               for m, rs in done.items()}}, indent=2, default=str)
-    (out / "table1.md").write_text(markdown(agg, meta))
+    atomic_write(out / "table1.md", markdown(agg, meta))

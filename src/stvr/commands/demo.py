@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import time
 from pathlib import Path
 
 from ..experiments import (adopt_postprocessing, auc_text, chance_map, config_matches, device_name,
                            evaluate_model, pct, prepare_data, run_config, test_dataset)
+
+from ..utils import atomic_write, write_json
 
 DEMO_OUT = "runs/demo"
 DEMO_DATA = "data/synthetic"
@@ -162,8 +163,8 @@ def run(args: argparse.Namespace) -> int:
         "torch_threads": torch.get_num_threads(),
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    (out / "results.md").write_text(table + "\n")
+    write_json(out / "results.json", results, indent=2, default=str)
+    atomic_write(out / "results.md", table + "\n")
     print(f"results: {out / 'results.json'}; total {timings['total_seconds']:.0f} s "
           f"(data {timings['data_seconds']:.0f} s, training {timings['train_seconds']:.0f} s, "
           f"evaluation {timings['eval_seconds']:.0f} s)")

@@ -273,12 +273,12 @@ def write_annotations(rows: Iterable[AvaRow], csv_path: str | Path) -> None:
     synthetic/UCF boxes exact enough) so that reading the file back gives the
     same rows up to 5e-7.
     """
-    path = Path(csv_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    from ..utils import atomic_open
+
+    with atomic_open(csv_path, "wb") as f:          # an older file stays whole until this one is
         for r in rows:
             box = ",".join(_fmt_coord(v) for v in r.box)
-            f.write(f"{r.video_id},{r.second:04d},{box},{r.action_id},{r.person_id}\n")
+            f.write(f"{r.video_id},{r.second:04d},{box},{r.action_id},{r.person_id}\n".encode())
 
 
 # ----------------------------------------------------------------------------- tubelets

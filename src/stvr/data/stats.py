@@ -174,5 +174,8 @@ def plot_label_distribution(
     ax.legend(handles=[Patch(color=SPLIT_COLORS[s], label=s) for s in present])
     ax.set_xlim(-0.6, len(bars) - 0.4)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from ..utils import atomic_open
+
+    with atomic_open(path, "wb") as f:              # an older figure stays whole until this one is
+        fig.savefig(f, dpi=120, format="png")
     return path
