@@ -50,6 +50,40 @@ def test_fit_recovers_linear_actions_and_keeps_the_standardization():
         ActionProbe(6, 0)
 
 
+def test_hidden_layer_fits_what_a_linear_probe_cannot_and_round_trips():
+    # actions that are not linear in the features (XOR of two directions): the linear probe stays
+    # near chance, one hidden ReLU layer fits them; the fit is deterministic per seed
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(800, 5, generator=g) * 2.0 + 1.0
+    y = torch.stack([((x[:, 0] - 1) * (x[:, 1] - 1) > 0), ((x[:, 2] - 1) * (x[:, 3] - 1) > 0)], 1).float()
+    linear, mlp = ActionProbe(5, 2), ActionProbe(5, 2, hidden=32)
+    linear_loss, mlp_loss = linear.fit(x, y), mlp.fit(x, y, seed=3)
+    assert linear_loss > 0.6 and mlp_loss < 0.25
+    for a in range(2):
+        assert roc_auc(linear.logits(x)[:, a].numpy(), y[:, a].numpy() > 0) < 0.65
+        assert roc_auc(mlp.logits(x)[:, a].numpy(), y[:, a].numpy() > 0) > 0.97
+    assert set(linear.state_dict()) == {"mean", "std", "weight", "bias", "fitted", "log_scale"}
+    assert mlp.hidden_weight.shape == (32, 5) and mlp.weight.shape == (2, 32)
+    # by hand: relu(W_h z + b_h) then the output layer
+    z = (x[:4] - mlp.mean) / mlp.std
+    h = torch.relu(z @ mlp.hidden_weight.T + mlp.hidden_bias)
+    torch.testing.assert_close(mlp.logits(x[:4]), h @ mlp.weight.T + mlp.bias)
+    again = ActionProbe(5, 2, hidden=32)
+    again.fit(x, y, seed=3)
+    torch.testing.assert_close(again.hidden_weight, mlp.hidden_weight)
+    torch.testing.assert_close(again.weight, mlp.weight)
+    other = ActionProbe(5, 2, hidden=32)
+    other.fit(x, y, seed=4)
+    assert not torch.equal(other.hidden_weight, mlp.hidden_weight)
+    loaded = ActionProbe(5, 2, hidden=32)
+    loaded.load_state_dict(mlp.state_dict())
+    torch.testing.assert_close(loaded.distance(x[:6], x[6:12]), mlp.distance(x[:6], x[6:12]))
+    with pytest.raises(RuntimeError):                 # a linear probe's weights do not fit a hidden one
+        ActionProbe(5, 2, hidden=32).load_state_dict(linear.state_dict())
+    with pytest.raises(ValueError, match="hidden width"):
+        ActionProbe(5, 2, hidden=-1)
+
+
 def test_distance_and_match_logit_by_hand():
     probe = ActionProbe(2, 2)
     probe.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, -2.0]]))
@@ -198,6 +232,18 @@ def test_training_fits_the_probe_on_training_actors_and_keeps_it(root, tmp_path)
     assert stats["actors"] == len(actor_index(root, "train")) and 0.5 < stats["train_auc"] <= 1.0
     torch.testing.assert_close(fresh.action_probe.weight, probe.weight)
     torch.testing.assert_close(fresh.action_probe.mean, probe.mean)
+    # model.action_probe_seconds draws that many annotated seconds (0: every one); the hidden width
+    # is the model's
+    seconds = {(v, int(t)) for v, t in zip(actor_index(root, "train").video_ids, actor_index(root, "train").seconds)}
+    assert fit_action_probe(STVRModel(resolved.model), root, max_seconds=3)["seconds"] == 3
+    assert fit_action_probe(STVRModel(resolved.model), root, max_seconds=None)["seconds"] == len(seconds)
+    mlp_cfg = apply_overrides(resolved, ["model.action_probe_hidden=8", "model.action_probe_seconds=2"])
+    train(mlp_cfg, tmp_path / "mlp", max_steps=1, progress=False)
+    mlp, _, _ = load_checkpoint(tmp_path / "mlp")
+    assert mlp.action_probe.hidden_weight.shape[0] == 8 and bool(mlp.action_probe.fitted)
+    check = STVRModel(mlp_cfg.model)
+    assert fit_action_probe(check, root, max_seconds=2, seed=0)["seconds"] == 2
+    torch.testing.assert_close(check.action_probe.hidden_weight, mlp.action_probe.hidden_weight)
     # resuming keeps the fitted probe (it is not fitted again), and the scale learns
     before = {k: v.clone() for k, v in probe.state_dict().items()}
     train(cfg, tmp_path / "run", max_steps=5, progress=False)

@@ -169,6 +169,8 @@ def test_data_ava_refuses_to_overwrite_a_dataset_root(tmp_path, capsys):
     ("model.backbone=resnet", "model.backbone must be one of"),
     ("model.head=mlp", "model.head must be one of"),
     ("model.image_size=0", "model.image_size must be > 0"),
+    ("model.action_probe_hidden=-8", "model.action_probe_hidden must be >= 0"),
+    ("model.action_probe_seconds=-1", "model.action_probe_seconds must be >= 0"),
     ("train.batch_size=two", "train.batch_size: cannot parse 'two'"),
     ("train.nope=1", "unknown field 'nope'"),
 ])

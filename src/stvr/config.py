@@ -78,6 +78,9 @@ class ModelConfig:
                                        # the term exactly when it has them
     action_ids: tuple[int, ...] = ()   # that classifier's actions (set by training from the training
                                        # annotations when empty)
+    action_probe_hidden: int = 0       # 0: that classifier is linear; > 0: one hidden ReLU layer of this width
+    action_probe_seconds: int = 700    # annotated training seconds it is fitted on (drawn with train.seed);
+                                       # 0: every one
     match_clips: int = 1               # the proposal's side of those comparisons (similarity / compare features,
                                        # match cosine): its crop of the mean map of the group of this many
                                        # consecutive reference clips that holds its clip (groups counted from the
@@ -379,6 +382,7 @@ _RULES: dict[str, dict[str, str]] = {
         "box_cls_weight": "nonneg", "det_nms_iou": "iou", "det_per_class": "pos",
         "det_per_clip": "pos", "det_score_threshold": "prob", "det_box_voting": "prob",
         "iou_loss_weight": "nonneg", "det_iou_power": "nonneg", "det_score_decay_sigma": "pos",
+        "action_probe_hidden": "nonneg", "action_probe_seconds": "nonneg",
     },
     "data": {
         "fps": "pos", "reference_seconds": "pos", "query_max_seconds": "pos",

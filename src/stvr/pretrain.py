@@ -223,12 +223,13 @@ def pretrain_backbone(root: str | Path, cfg: ModelConfig, out: str | Path, *, st
 
 
 @torch.no_grad()
-def fit_action_probe(model: nn.Module, root: str | Path, *, max_seconds: int = 700, seed: int = 0,
+def fit_action_probe(model: nn.Module, root: str | Path, *, max_seconds: int | None = 700, seed: int = 0,
                      fps: int | None = None, cache_dir: str | Path | None = None,
                      batch_size: int = 32) -> dict[str, Any]:
     """Fit ``model.action_probe`` (:class:`stvr.model.actions.ActionProbe`) on the training actors of ``root``.
 
-    Up to ``max_seconds`` annotated seconds of the training videos are drawn (``seed``); each one's
+    Up to ``max_seconds`` annotated seconds of the training videos are drawn (``seed``; ``None``:
+    every one, in file order); each one's
     clips go through the model's frozen backbone and are averaged (as the model's
     ``match_clips`` groups of a second), and every annotated person of the second gives one sample:
     the crop mean at its box (the model's RoI crop) and its multi-hot actions over
@@ -256,8 +257,11 @@ def fit_action_probe(model: nn.Module, root: str | Path, *, max_seconds: int = 7
     for k, (vid, sec) in enumerate(zip(index.video_ids, index.seconds.tolist())):
         seconds.setdefault((vid, int(sec)), []).append(k)
     keys = list(seconds)
-    rng = np.random.default_rng(seed)
-    chosen = sorted(rng.choice(len(keys), size=min(int(max_seconds), len(keys)), replace=False).tolist())
+    if max_seconds is None or int(max_seconds) >= len(keys):
+        chosen = list(range(len(keys)))
+    else:
+        rng = np.random.default_rng(seed)
+        chosen = sorted(rng.choice(len(keys), size=int(max_seconds), replace=False).tolist())
     entries = [seconds[keys[i]] for i in chosen]
     device = next(model.parameters()).device
 
@@ -286,7 +290,7 @@ def fit_action_probe(model: nn.Module, root: str | Path, *, max_seconds: int = 7
     features = torch.cat([mine[b] for b in range(len(blocks))]).to(device)
     rows = [k for e in entries for k in e]
     targets = torch.as_tensor(index.targets[rows], device=device)
-    loss = probe.fit(features, targets)
+    loss = probe.fit(features, targets, seed=seed)
     scores = probe.logits(features).cpu().numpy()
     aucs = [roc_auc(scores[:, a], index.targets[rows, a] > 0) for a in range(probe.num_actions)]
     aucs = [a for a in aucs if not math.isnan(a)]

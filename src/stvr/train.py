@@ -406,7 +406,8 @@ def _fit_action_probe(cfg: Config, model: nn.Module, train_set: Dataset) -> None
 
     root = _training_root(cfg, train_set)
     cache = getattr(train_set, "cache_dir", None) or cfg.data.cache
-    fit_action_probe(model, root, seed=cfg.train.seed, fps=cfg.data.fps, cache_dir=cache)
+    fit_action_probe(model, root, max_seconds=cfg.model.action_probe_seconds or None, seed=cfg.train.seed,
+                     fps=cfg.data.fps, cache_dir=cache)
 
 
 def _prepare_run_folder(cfg: Config, out: Path, dist_info: DistInfo) -> Path:

@@ -4,11 +4,12 @@ The cosine of the backbone crop means (``model.match_cosine``) compares everythi
 holds at once; one salient action the query and an actor share dominates it, so actors whose
 labels differ by one action rank close to the matches (issue 11: ``bench_match_relations.py``,
 match AUC 0.55-0.85 against such "nested" or "overlapping" negatives, 0.84-0.95 against
-disjoint ones). :class:`ActionProbe` reads the actions out first: a linear multi-label
-classifier on the standardized backbone crop mean, fitted once on the *training* actors'
-annotations (:func:`stvr.pretrain.fit_action_probe`, before training; the backbone must stay
+disjoint ones). :class:`ActionProbe` reads the actions out first: a multi-label classifier
+(linear, or with one hidden ReLU layer: ``model.action_probe_hidden``) on the standardized
+backbone crop mean, fitted once on the *training* actors' annotations (:func:`stvr.pretrain.fit_action_probe`, before training; the backbone must stay
 frozen so that the features it was fitted on do not change), and kept fixed. The term added to
-the query-match logit is ``-s * sum_a |p_a(proposal) - p_a(query)|`` with ``p = sigmoid(W z + b)``
+the query-match logit is ``-s * sum_a |p_a(proposal) - p_a(query)|`` with ``p = sigmoid(W h + b)``,
+``h = z`` (linear) or ``h = relu(W_h z + b_h)``,
 over the probe's ``A`` actions (``model.action_ids``) and ``s = exp(log_scale)`` learned from
 :data:`INITIAL_SCALE`: actors that differ from the query in one action are one unit of distance
 away whatever else they share. The labels of validation and test (combinations of actions
@@ -30,20 +31,28 @@ INITIAL_SCALE = 5.0
 
 
 class ActionProbe(nn.Module):
-    """Linear multi-label action classifier on crop means ``[K, C]`` (fixed once fitted) and the
-    learned weight of its distance in the match logit.
+    """Multi-label action classifier on crop means ``[K, C]`` (fixed once fitted) and the learned
+    weight of its distance in the match logit.
 
-    Buffers: ``mean``/``std`` ``[C]`` (feature standardization), ``weight [A, C]``, ``bias [A]``,
-    ``fitted`` (0-d, 1.0 once fitted; a float like every stored tensor). Parameter: ``log_scale`` (0-d).
+    Buffers: ``mean``/``std`` ``[C]`` (feature standardization), ``weight [A, H]``, ``bias [A]``
+    with ``H = C`` (linear, ``hidden=0``) or ``H = hidden`` and then also ``hidden_weight [H, C]``,
+    ``hidden_bias [H]`` (one ReLU layer); ``fitted`` (0-d, 1.0 once fitted; a float like every
+    stored tensor). Parameter: ``log_scale`` (0-d).
     """
 
-    def __init__(self, channels: int, num_actions: int) -> None:
+    def __init__(self, channels: int, num_actions: int, hidden: int = 0) -> None:
         super().__init__()
         if num_actions < 1:
             raise ValueError("the action probe needs at least one action id (model.action_ids)")
+        if hidden < 0:
+            raise ValueError(f"the action probe's hidden width must be >= 0, got {hidden}")
+        self.hidden = int(hidden)
         self.register_buffer("mean", torch.zeros(channels))
         self.register_buffer("std", torch.ones(channels))
-        self.register_buffer("weight", torch.zeros(num_actions, channels))
+        if self.hidden:
+            self.register_buffer("hidden_weight", torch.zeros(self.hidden, channels))
+            self.register_buffer("hidden_bias", torch.zeros(self.hidden))
+        self.register_buffer("weight", torch.zeros(num_actions, self.hidden or channels))
         self.register_buffer("bias", torch.zeros(num_actions))
         self.register_buffer("fitted", torch.tensor(0.0))
         self.log_scale = nn.Parameter(torch.tensor(math.log(INITIAL_SCALE)))
@@ -54,7 +63,10 @@ class ActionProbe(nn.Module):
 
     def logits(self, features: Tensor) -> Tensor:
         """Crop means ``[K, C]`` -> action logits ``[K, A]``."""
-        return F.linear((features - self.mean) / self.std, self.weight, self.bias)
+        z = (features - self.mean) / self.std
+        if self.hidden:
+            z = F.relu(F.linear(z, self.hidden_weight, self.hidden_bias))
+        return F.linear(z, self.weight, self.bias)
 
     def probabilities(self, features: Tensor) -> Tensor:
         """Crop means ``[K, C]`` -> action probabilities ``[K, A]`` in [0, 1]."""
@@ -71,12 +83,16 @@ class ActionProbe(nn.Module):
         return torch.cat([logits[:, :-1], match], dim=1)
 
     @torch.no_grad()
-    def fit(self, features: Tensor, targets: Tensor, l2: float = 1e-3, max_iter: int = 300) -> float:
+    def fit(self, features: Tensor, targets: Tensor, l2: float = 1e-3, max_iter: int = 300,
+            seed: int = 0) -> float:
         """Fit the classifier to ``features [M, C]`` with multi-hot ``targets [M, A]``.
 
         Standardizes the features (their mean and standard deviation become the buffers), then
-        minimizes the mean binary cross-entropy plus ``l2 * ||W||^2`` with L-BFGS (deterministic)
-        in float64. Marks the probe fitted and returns the final loss.
+        minimizes the mean binary cross-entropy plus ``l2`` times the squared norms of the weight
+        matrices with L-BFGS (deterministic) in float64. The linear classifier starts at zero; with
+        a hidden layer both matrices start Gaussian with variance ``1 / fan_in`` (a generator of
+        ``seed``: the same features and seed give the same probe). Marks the probe fitted and
+        returns the final loss.
         """
         x = features.detach().double()
         y = targets.detach().double()
@@ -87,13 +103,30 @@ class ActionProbe(nn.Module):
             raise ValueError("the action probe needs at least 2 training actors")
         mean, std = x.mean(0), x.std(0) + 1e-6
         z = (x - mean) / std
-        w = torch.zeros(self.num_actions, x.shape[1], dtype=torch.float64, device=x.device, requires_grad=True)
-        b = torch.zeros(self.num_actions, dtype=torch.float64, device=x.device, requires_grad=True)
-        opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
+        opts = {"dtype": torch.float64, "device": x.device}
+        channels, width = x.shape[1], self.hidden or x.shape[1]
+        gen = torch.Generator().manual_seed(int(seed))
+        if self.hidden:
+            wh = (torch.randn(self.hidden, channels, generator=gen, dtype=torch.float64) / channels ** 0.5).to(x.device)
+            wh.requires_grad_()
+            bh = torch.zeros(self.hidden, requires_grad=True, **opts)
+            w = (torch.randn(self.num_actions, width, generator=gen, dtype=torch.float64) / width ** 0.5).to(x.device)
+            w.requires_grad_()
+            params = [wh, bh]
+        else:
+            w = torch.zeros(self.num_actions, width, requires_grad=True, **opts)
+            params = []
+        b = torch.zeros(self.num_actions, requires_grad=True, **opts)
+        opt = torch.optim.LBFGS([*params, w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+        def forward() -> Tensor:
+            h = F.relu(F.linear(z, params[0], params[1])) if self.hidden else z
+            return F.linear(h, w, b)
 
         def closure() -> Tensor:
             opt.zero_grad()
-            loss = F.binary_cross_entropy_with_logits(F.linear(z, w, b), y) + l2 * w.pow(2).sum()
+            penalty = w.pow(2).sum() + (params[0].pow(2).sum() if self.hidden else 0.0)
+            loss = F.binary_cross_entropy_with_logits(forward(), y) + l2 * penalty
             loss.backward()
             return loss
 
@@ -102,6 +135,9 @@ class ActionProbe(nn.Module):
             loss = float(closure().detach())
         self.mean.copy_(mean.to(self.mean.dtype))
         self.std.copy_(std.to(self.std.dtype))
+        if self.hidden:
+            self.hidden_weight.copy_(params[0].detach().to(self.hidden_weight.dtype))
+            self.hidden_bias.copy_(params[1].detach().to(self.hidden_bias.dtype))
         self.weight.copy_(w.detach().to(self.weight.dtype))
         self.bias.copy_(b.detach().to(self.bias.dtype))
         self.fitted.fill_(1.0)

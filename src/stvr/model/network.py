@@ -144,7 +144,7 @@ class STVRModel(nn.Module):
                 raise ValueError("model.match_action_distance needs model.action_ids, the actions of its probe: "
                                  "training sets them from the training annotations (stvr.train.with_action_ids); "
                                  "to build the model by hand, give them (--set model.action_ids=1,2,3)")
-            self.action_probe = ActionProbe(channels, len(cfg.action_ids))
+            self.action_probe = ActionProbe(channels, len(cfg.action_ids), hidden=cfg.action_probe_hidden)
         self.box_coder = BoxCoder(tuple(float(w) for w in cfg.box_coder_weights))
         self.anchor_generator = anchor_generator(cfg)
         self.record_offsets = False
