@@ -21,8 +21,9 @@ cpu-preset overrides for every ``--weights`` (e.g. for the weights of a wider ba
 ``--score action``: score each box by minus the L1 distance between the action probabilities of its
 crop mean and the query's, read by the action probe of ``model.match_action_distance``
 (:func:`stvr.pretrain.fit_action_probe`: a linear multi-label classifier fitted on the root's
-training actors) instead of the cosine; ``--score cosine action`` prints both. ``--score
-action-agree``: the same probe, scored by the log-probability that the box's actions agree with the
+training actors; ``--set model.action_probe_hidden=64 --set model.action_probe_seconds=0``: the
+probe with a hidden layer, fitted on every training second) instead of the cosine; ``--score cosine
+action`` prints both. ``--score action-agree``: the same probe, scored by the log-probability that the box's actions agree with the
 query's, ``sum_a log(p_a q_a + (1 - p_a)(1 - q_a))`` (independent actions): a confident disagreement
 on one action costs more than several uncertain ones.
 
@@ -93,7 +94,7 @@ def action_probe_model(root: Path, cfg) -> torch.nn.Module:
     ids = tuple(actor_index(root, "train").action_ids)
     model = STVRModel(dataclasses.replace(cfg, match_action_distance=True, freeze_backbone=True,
                                           action_ids=ids)).eval()
-    fit_action_probe(model, root, seed=0)
+    fit_action_probe(model, root, max_seconds=cfg.action_probe_seconds or None, seed=0)
     return model
 
 

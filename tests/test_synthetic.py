@@ -498,6 +498,12 @@ def test_bench_backbone_match_action_score_is_the_probes_l1_distance(root):
         pq = model.action_probe.probabilities(torch.cat([pm, qm]))
     want = float(np.log(pq[0].numpy() * pq[1].numpy() + (1 - pq[0].numpy()) * (1 - pq[1].numpy())).sum())
     assert agree[0][j][0][4] == pytest.approx(want, abs=1e-5)
+    # --set model.action_probe_hidden / action_probe_seconds reach the probe
+    import dataclasses
+
+    hidden = bench.action_probe_model(r, dataclasses.replace(cfg, action_probe_hidden=8, action_probe_seconds=0))
+    assert hidden.action_probe.hidden_weight.shape == (8, model.action_probe.mean.shape[0])
+    assert bool(hidden.action_probe.fitted)
 
 
 def test_agreement_log_probability_by_hand():
