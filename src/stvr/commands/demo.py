@@ -27,7 +27,6 @@ from pathlib import Path
 
 from ..experiments import (adopt_postprocessing, auc_text, chance_map, config_matches, device_name,
                            evaluate_model, pct, prepare_data, run_config, test_dataset)
-
 from ..utils import atomic_write, write_json
 
 DEMO_OUT = "runs/demo"

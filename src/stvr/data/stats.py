@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from ..utils import atomic_open
 from .ava import Tubelet, label_key
 
 __all__ = ["compute_stats", "load_stats", "format_stats", "plot_label_distribution"]
@@ -174,8 +175,6 @@ def plot_label_distribution(
     ax.legend(handles=[Patch(color=SPLIT_COLORS[s], label=s) for s in present])
     ax.set_xlim(-0.6, len(bars) - 0.4)
     fig.tight_layout()
-    from ..utils import atomic_open
-
     with atomic_open(path, "wb") as f:              # an older figure stays whole until this one is
         fig.savefig(f, dpi=120, format="png")
     return path

@@ -6,8 +6,8 @@ labels differ by one action rank close to the matches (issue 11: ``bench_match_r
 match AUC 0.55-0.85 against such "nested" or "overlapping" negatives, 0.84-0.95 against
 disjoint ones). :class:`ActionProbe` reads the actions out first: a multi-label classifier
 (linear, or with one hidden ReLU layer: ``model.action_probe_hidden``) on the standardized
-backbone crop mean, fitted once on the *training* actors' annotations (:func:`stvr.pretrain.fit_action_probe`, before training; the backbone must stay
-frozen so that the features it was fitted on do not change), and kept fixed. The term added to
+backbone crop mean, fitted once on the *training* actors' annotations
+(:func:`stvr.pretrain.fit_action_probe`, before training; the backbone must stay frozen so that the features it was fitted on do not change), and kept fixed. The term added to
 the query-match logit is ``-s * sum_a |p_a(proposal) - p_a(query)|`` with ``p = sigmoid(W h + b)``,
 ``h = z`` (linear) or ``h = relu(W_h z + b_h)``,
 over the probe's ``A`` actions (``model.action_ids``) and ``s = exp(log_scale)`` learned from
@@ -63,10 +63,8 @@ class ActionProbe(nn.Module):
 
     def logits(self, features: Tensor) -> Tensor:
         """Crop means ``[K, C]`` -> action logits ``[K, A]``."""
-        z = (features - self.mean) / self.std
-        if self.hidden:
-            z = F.relu(F.linear(z, self.hidden_weight, self.hidden_bias))
-        return F.linear(z, self.weight, self.bias)
+        layers = [self.hidden_weight, self.hidden_bias] if self.hidden else []
+        return _classify((features - self.mean) / self.std, layers, self.weight, self.bias)
 
     def probabilities(self, features: Tensor) -> Tensor:
         """Crop means ``[K, C]`` -> action probabilities ``[K, A]`` in [0, 1]."""
@@ -103,30 +101,27 @@ class ActionProbe(nn.Module):
             raise ValueError("the action probe needs at least 2 training actors")
         mean, std = x.mean(0), x.std(0) + 1e-6
         z = (x - mean) / std
-        opts = {"dtype": torch.float64, "device": x.device}
-        channels, width = x.shape[1], self.hidden or x.shape[1]
         gen = torch.Generator().manual_seed(int(seed))
-        if self.hidden:
-            wh = (torch.randn(self.hidden, channels, generator=gen, dtype=torch.float64) / channels ** 0.5).to(x.device)
-            wh.requires_grad_()
-            bh = torch.zeros(self.hidden, requires_grad=True, **opts)
-            w = (torch.randn(self.num_actions, width, generator=gen, dtype=torch.float64) / width ** 0.5).to(x.device)
-            w.requires_grad_()
-            params = [wh, bh]
-        else:
-            w = torch.zeros(self.num_actions, width, requires_grad=True, **opts)
-            params = []
-        b = torch.zeros(self.num_actions, requires_grad=True, **opts)
-        opt = torch.optim.LBFGS([*params, w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
 
-        def forward() -> Tensor:
-            h = F.relu(F.linear(z, params[0], params[1])) if self.hidden else z
-            return F.linear(h, w, b)
+        def gaussian(rows: int, cols: int) -> Tensor:      # variance 1 / fan_in, from ``seed``
+            w = torch.randn(rows, cols, generator=gen, dtype=torch.float64) / cols ** 0.5
+            return w.to(x.device).requires_grad_()
+
+        def zeros(*shape: int) -> Tensor:
+            return torch.zeros(*shape, dtype=torch.float64, device=x.device, requires_grad=True)
+
+        if self.hidden:
+            layers = [gaussian(self.hidden, x.shape[1]), zeros(self.hidden)]
+            w = gaussian(self.num_actions, self.hidden)
+        else:
+            layers, w = [], zeros(self.num_actions, x.shape[1])
+        b = zeros(self.num_actions)
+        opt = torch.optim.LBFGS([*layers, w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
 
         def closure() -> Tensor:
             opt.zero_grad()
-            penalty = w.pow(2).sum() + (params[0].pow(2).sum() if self.hidden else 0.0)
-            loss = F.binary_cross_entropy_with_logits(forward(), y) + l2 * penalty
+            penalty = w.pow(2).sum() + sum(m.pow(2).sum() for m in layers[:1])
+            loss = F.binary_cross_entropy_with_logits(_classify(z, layers, w, b), y) + l2 * penalty
             loss.backward()
             return loss
 
@@ -136,9 +131,17 @@ class ActionProbe(nn.Module):
         self.mean.copy_(mean.to(self.mean.dtype))
         self.std.copy_(std.to(self.std.dtype))
         if self.hidden:
-            self.hidden_weight.copy_(params[0].detach().to(self.hidden_weight.dtype))
-            self.hidden_bias.copy_(params[1].detach().to(self.hidden_bias.dtype))
+            self.hidden_weight.copy_(layers[0].detach().to(self.hidden_weight.dtype))
+            self.hidden_bias.copy_(layers[1].detach().to(self.hidden_bias.dtype))
         self.weight.copy_(w.detach().to(self.weight.dtype))
         self.bias.copy_(b.detach().to(self.bias.dtype))
         self.fitted.fill_(1.0)
         return loss
+
+
+def _classify(z: Tensor, layers: list[Tensor], weight: Tensor, bias: Tensor) -> Tensor:
+    """Standardized features ``z [K, C]`` -> logits ``[K, A]``: ``layers`` is ``[]`` (linear) or
+    ``[W_h [H, C], b_h [H]]`` (one ReLU layer first)."""
+    if layers:
+        z = F.relu(F.linear(z, layers[0], layers[1]))
+    return F.linear(z, weight, bias)
